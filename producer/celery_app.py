@@ -1,0 +1,63 @@
+"""The Celery application, configured once from Settings for both sides of the queue.
+
+Producers use it only to publish messages (``send_task``); workers add their route's task.
+Job records are not Celery results: pipeq stores them itself (``producer.store``), a whole
+batch in one Redis round trip, so Celery's per-task result backend is off.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery
+
+from .config import Settings
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """Celery settings that make the safe path the default (see ARCHITECTURE.md)."""
+    transport = {
+        # Redis has no acks: a message a dead worker held comes back after this long.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    }
+    config: dict[str, Any] = {
+        "broker_url": redis_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "result_backend": None,
+        "task_ignore_result": True,
+        # JSON only: a pickled message is code execution on the worker.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        # Ack after the job's record is stored; a killed worker's jobs are redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        # Each worker thread holds one message; the batcher, not prefetch, forms batches.
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": settings.events,
+        "task_send_sent_event": settings.events,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_create_missing_queues": True,
+        "enable_utc": True,
+    }
+    if redis_url.startswith("rediss://"):
+        tls = {"ssl_cert_reqs": _CERT_REQS[settings.redis_ssl_cert_reqs]}
+        config["broker_use_ssl"] = tls
+    return config
+
+
+def make_celery(settings: Settings, redis_url: str | None = None) -> Celery:
+    """A Celery app for this deployment (``redis_url`` defaults to the settings')."""
+    app = Celery("pipeq", set_as_current=False)
+    app.conf.update(celery_config(settings, redis_url or settings.redis_url_value()))
+    return app

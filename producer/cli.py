@@ -1,0 +1,180 @@
+"""``pipeq``: run workers, submit jobs, fetch results, cancel, and look at a deployment.
+
+Exit codes: 0 success; 1 the job failed, was cancelled or expired; 2 bad usage or settings;
+3 no live worker for a route (``status``: a route is unhealthy); 4 timed out; 5 Redis
+unreachable. ``pipeq worker`` returns 3 when the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import (
+    BrokerUnavailable,
+    ConfigError,
+    JobFailed,
+    JobTimeout,
+    NoWorkerError,
+    PipeqError,
+    ValidationError,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_WORKER, EXIT_TIMEOUT, EXIT_BROKER = 0, 1, 2, 3, 4, 5
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param takes key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pipeq`` argument parser (``worker`` is parsed by ``worker.cli``)."""
+    parser = argparse.ArgumentParser(prog="pipeq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="serve a route (see `pipeq worker --help`)", add_help=False)
+
+    submit = sub.add_parser("submit", help="submit a job; prints its id (or result with --wait)")
+    submit.add_argument("--task", required=True)
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--revision")
+    submit.add_argument("--param", action="append", type=_parse_param, default=[],
+                        metavar="KEY=VALUE", help="call parameter (VALUE parsed as JSON if it can)")
+    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--timeout", type=float, help="job deadline and wait, in seconds")
+    submit.add_argument("--no-require-worker", action="store_true",
+                        help="enqueue even if no live worker serves the route")
+    submit.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="one input (a single call) or several (a list call)")
+
+    result = sub.add_parser("result", help="print a job's result")
+    result.add_argument("job_id")
+    result.add_argument("--wait", action="store_true", help="wait for the job to end")
+    result.add_argument("--timeout", type=float)
+
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+
+    status = sub.add_parser("status", help="routes, live workers, queue depth; exit 3 if unhealthy")
+    status.add_argument("--route-task", "--task", dest="task")
+    status.add_argument("--route-model", "--model", dest="model")
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("config", help="print the effective settings (secrets masked)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pipeq`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "worker":
+        from worker.cli import main as worker_main  # heavy: only for this subcommand
+
+        return worker_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValidationError, ConfigError) as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NoWorkerError as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NO_WORKER
+    except JobTimeout as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except BrokerUnavailable as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    except JobFailed as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PipeqError as exc:
+        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .config import load_settings
+
+    settings = load_settings()
+    if args.command == "config":
+        _print_json(settings.masked())
+        return EXIT_OK
+    from .logs import setup_logging
+
+    setup_logging("WARNING", settings.log_json)
+    if args.command == "status":
+        return _status(args, settings)
+    from .client import Client, get_job, pipeline
+
+    if args.command == "submit":
+        remote = pipeline(args.task, model=args.model, revision=args.revision, settings=settings)
+        inputs: Any = args.inputs[0] if len(args.inputs) == 1 else args.inputs
+        job = remote.submit(inputs, timeout=args.timeout,
+                            require_worker=not args.no_require_worker, **dict(args.param))
+        if not args.wait:
+            print(job.id)
+            return EXIT_OK
+        _print_json(job.result(args.timeout))
+        return EXIT_OK
+    job = get_job(args.job_id, settings)
+    if args.command == "result":
+        if not args.wait and not job.done():
+            print(f"job {job.id} is {job.status()}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        _print_json(job.result(args.timeout))
+        return EXIT_OK
+    if args.command == "cancel":
+        was_pending = job.cancel()
+        print(f"job {job.id} cancelled" + ("" if was_pending else
+              f" (it had already started or ended; now {job.status()}: cancelling a running "
+              "job is best-effort)"))
+        return EXIT_OK
+    del Client
+    return EXIT_USAGE
+
+
+def _status(args: argparse.Namespace, settings: Any) -> int:
+    import redis
+
+    from .contract import Route
+    from .inspect import deployment_status
+
+    only = Route(task=args.task, model=args.model) if args.task and args.model else None
+    client = redis.Redis.from_url(settings.redis_url_value(), socket_timeout=10)
+    try:
+        statuses = deployment_status(settings, client, only)
+    except redis.RedisError as exc:
+        raise BrokerUnavailable(f"cannot read status from Redis: {exc}") from exc
+    if args.json:
+        _print_json([s.as_dict() for s in statuses])
+    else:
+        for s in statuses:
+            mark = "ok " if s.healthy else "DOWN"
+            age = f"{s.oldest_age_s:.1f}s" if s.oldest_age_s is not None else "-"
+            print(f"[{mark}] {s.route.describe()}  workers={len(s.workers)} "
+                  f"queued={s.queue_depth} oldest={age}")
+            for w in s.workers:
+                print(f"       {w['hostname']} device={w['device']} ready={w['ready']}")
+        if not statuses:
+            print("no routes configured or announced")
+    unhealthy = [s for s in statuses if (s.configured or only) and not s.healthy]
+    return EXIT_NO_WORKER if unhealthy or (only and not statuses) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

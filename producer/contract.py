@@ -1,0 +1,169 @@
+"""The wire contract between producers and workers: routes, requests, job states, key names.
+
+Everything that crosses Redis is defined here, once: the worker implements what this module
+promises. Messages are pydantic models serialised to JSON; results use ``producer.codec``.
+Every Redis key and queue name is computed by one function of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .tasks import canonical_task
+
+JSONScalar = str | int | float | bool | None
+#: One input of a pipeline call: a string, or a mapping (e.g. {"text": ..., "text_pair": ...}).
+InputItem = str | dict[str, Any]
+
+SCHEMA_VERSION = 1
+
+
+class JobState(StrEnum):
+    """The states a job goes through; the last four are final."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def is_final(self) -> bool:
+        """True when the job will not change state any more."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED, JobState.EXPIRED})
+
+
+class Route(BaseModel):
+    """A (task, model[, revision, tokenizer]) pair: the unit of routing and of loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    revision: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    tokenizer: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return canonical_task(value)
+
+    @property
+    def id(self) -> str:
+        """A stable id usable in queue, key and task names: readable slug plus a hash."""
+        identity = "\x1f".join([self.task, self.model, self.revision or "", self.tokenizer or ""])
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+        tail = self.model.rstrip("/").rsplit("/", 1)[-1]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail)[:40] or "model"
+        return f"{self.task}.{slug}.{digest}"
+
+    def describe(self) -> str:
+        """Human-readable form for messages: task, model and revision."""
+        extra = f"@{self.revision}" if self.revision else ""
+        tok = f" (tokenizer {self.tokenizer})" if self.tokenizer else ""
+        return f"{self.task}:{self.model}{extra}{tok}"
+
+    def worker_command(self) -> str:
+        """The command that starts a worker for this route (used in error messages)."""
+        cmd = f"pipeq worker --task {self.task} --model {self.model}"
+        if self.revision:
+            cmd += f" --revision {self.revision}"
+        if self.tokenizer:
+            cmd += f" --tokenizer {self.tokenizer}"
+        return cmd
+
+
+class JobRequest(BaseModel):
+    """One inference job as it travels in a Celery message (JSON, never pickle)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = SCHEMA_VERSION
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    route: Route
+    inputs: Annotated[list[InputItem], Field(min_length=1)]
+    #: True when the caller passed one input rather than a list: the result is not a list.
+    single: bool
+    params: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: float
+    #: Absolute UNIX time after which the job is not worth running (EXPIRED).
+    deadline: float | None = None
+    #: Redis list the worker pushes the finished job id onto, to wake the waiting producer.
+    reply_to: str | None = None
+
+    @field_validator("v")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported message schema version {value} (this is {SCHEMA_VERSION})"
+            )
+        return value
+
+
+def new_job_id() -> str:
+    """A fresh, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    """Wall-clock time as stored in job records (UNIX seconds)."""
+    return time.time()
+
+
+class Keys:
+    """Names of every Redis key and queue pipeq uses, derived from one prefix."""
+
+    def __init__(self, prefix: str = "pipeq"):
+        self.prefix = prefix
+
+    def queue(self, route: Route) -> str:
+        """The Celery queue (a Redis list) of a route."""
+        return f"{self.prefix}.q.{route.id}"
+
+    def task_name(self, route: Route) -> str:
+        """The Celery task name of a route; carries the route so Flower can group by it."""
+        return f"pipeq.run[{route.id}]"
+
+    def result(self, job_id: str) -> str:
+        """The job record (state, result or error), stored with the result TTL."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        """Marker that a job was cancelled; workers skip jobs that carry it."""
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def reply(self, client_id: str) -> str:
+        """A producer's wake-up list: workers push finished job ids onto it."""
+        return f"{self.prefix}:reply:{client_id}"
+
+    def route_workers(self, route: Route) -> str:
+        """Sorted set of live workers of a route, scored by heartbeat expiry time."""
+        return f"{self.prefix}:route:{route.id}:workers"
+
+    def routes(self) -> str:
+        """Hash of every route a worker ever announced: route id -> route JSON."""
+        return f"{self.prefix}:routes"
+
+    def worker_info(self, hostname: str) -> str:
+        """A worker's self-description (JSON), expiring with its heartbeat."""
+        return f"{self.prefix}:worker:{hostname}"
+
+    def dead_letters(self) -> str:
+        """The dead-letter list: poison messages with their reasons."""
+        return f"{self.prefix}:dead"
+
+    def idempotency(self, key: str) -> str:
+        """Maps a caller's idempotency key to the job id it created."""
+        return f"{self.prefix}:idem:{key}"

@@ -1,0 +1,77 @@
+"""What is going on in a deployment: routes, workers, queue depth and oldest job age."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .config import Settings
+from .contract import Keys, Route
+from .registry import Registry
+
+
+@dataclass
+class RouteStatus:
+    """One route's health: its live workers, queue depth and oldest queued job's age."""
+
+    route: Route
+    configured: bool
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    queue_depth: int = 0
+    oldest_age_s: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """True when at least one ready worker serves the route."""
+        return any(w.get("ready") for w in self.workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "route": self.route.describe(), "route_id": self.route.id,
+            "configured": self.configured, "healthy": self.healthy,
+            "queue_depth": self.queue_depth, "oldest_age_s": self.oldest_age_s,
+            "workers": self.workers,
+        }
+
+
+def queue_depth(client: redis.Redis, keys: Keys, route: Route) -> int:
+    """Messages waiting in a route's queue (not counting those held by workers)."""
+    return int(client.llen(keys.queue(route)))
+
+
+def oldest_age(client: redis.Redis, keys: Keys, route: Route) -> float | None:
+    """Seconds since the oldest queued job of a route was submitted (None if empty)."""
+    raw = client.lindex(keys.queue(route), -1)  # kombu pushes left, pops right
+    if raw is None:
+        return None
+    try:
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        submitted = float(body[1]["request"]["submitted_at"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return max(0.0, time.time() - submitted)
+
+
+def deployment_status(settings: Settings, client: redis.Redis,
+                      only: Route | None = None) -> list[RouteStatus]:
+    """Status of every configured or announced route (or only ``only``)."""
+    keys = settings.keys
+    registry = Registry(client, keys, settings.heartbeat_s)
+    configured = {spec.route for spec in settings.routes}
+    routes = [only] if only else sorted(configured | set(registry.known_routes()),
+                                        key=lambda r: r.describe())
+    return [
+        RouteStatus(
+            route=route, configured=route in configured, workers=registry.workers(route),
+            queue_depth=queue_depth(client, keys, route),
+            oldest_age_s=oldest_age(client, keys, route),
+        )
+        for route in routes
+    ]

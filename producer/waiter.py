@@ -1,0 +1,115 @@
+"""Waiting for many jobs at once, from many threads and from asyncio, on one connection.
+
+Celery's own result consumer is not safe across threads. pipeq does not use it: a worker
+that finishes a job pushes the job id onto the submitting producer's reply list, and one
+daemon thread per producer process blocks on that list (BLPOP) and resolves
+``concurrent.futures.Future`` objects that any thread, or an asyncio loop through
+``asyncio.wrap_future``, can wait on. A slow poll of the watched jobs' states backs the
+wake-ups up, so a lost wake-up (a Redis restart) delays a result but never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+
+import redis
+
+from .contract import Keys
+from .store import JobRecord, JobStore
+
+log = logging.getLogger("pipeq.waiter")
+
+
+class ResultWaiter:
+    """Resolves one Future per watched job when its record becomes final."""
+
+    def __init__(self, store: JobStore, blocking_client: redis.Redis, keys: Keys,
+                 poll_s: float = 1.0):
+        self.store = store
+        self.client_id = uuid.uuid4().hex
+        self.reply_key = keys.reply(self.client_id)
+        self._conn = blocking_client
+        self._poll_s = poll_s
+        self._futures: dict[str, Future[JobRecord]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def watch(self, job_id: str) -> Future[JobRecord]:
+        """A Future resolved with the job's final record (shared by all who watch the job)."""
+        with self._lock:
+            future = self._futures.get(job_id)
+            if future is None:
+                future = Future()
+                self._futures[job_id] = future
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pipeq-result-waiter", daemon=True
+                )
+                self._thread.start()
+        return future
+
+    def resolve(self, record: JobRecord) -> None:
+        """Resolve the job's Future with a final record (from any thread)."""
+        with self._lock:
+            future = self._futures.pop(record.job_id, None)
+        if future is not None and not future.done():
+            future.set_result(record)
+
+    def forget(self, job_id: str) -> None:
+        """Stop watching a job (its waiter gave up)."""
+        with self._lock:
+            self._futures.pop(job_id, None)
+
+    def close(self) -> None:
+        """Stop the waiter thread."""
+        self._stopping.set()
+
+    def _run(self) -> None:
+        last_poll = time.monotonic()
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                finished = self._next_wakeups()
+                if time.monotonic() - last_poll >= self._poll_s:
+                    finished |= self._poll_states()
+                    last_poll = time.monotonic()
+                if finished:
+                    self._deliver(sorted(finished))
+                backoff = 0.05
+            except (redis.RedisError, OSError) as exc:
+                log.warning("result waiter lost Redis (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _next_wakeups(self) -> set[str]:
+        item = self._conn.blpop([self.reply_key], timeout=self._poll_s)
+        if item is None:
+            return set()
+        ids = {_text(item[1])}
+        more = self._conn.lpop(self.reply_key, 1000)
+        if more:
+            ids.update(_text(m) for m in more)
+        with self._lock:
+            return {i for i in ids if i in self._futures}
+
+    def _poll_states(self) -> set[str]:
+        with self._lock:
+            watched = list(self._futures)
+        if not watched:
+            return set()
+        states = self.store.states(watched)
+        return {j for j, s in zip(watched, states, strict=True) if s is not None and s.is_final}
+
+    def _deliver(self, job_ids: list[str]) -> None:
+        for record in self.store.get_many(job_ids):
+            if record is not None and record.state.is_final:
+                self.resolve(record)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

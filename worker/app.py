@@ -1,0 +1,25 @@
+"""The worker's Celery app: the shared configuration plus this route's task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+
+from producer.celery_app import make_celery
+from producer.config import Settings
+
+from .service import RouteService
+
+
+def build_app(settings: Settings, redis_url: str, service: RouteService) -> Celery:
+    """A Celery app whose one task runs jobs of ``service``'s route."""
+    app = make_celery(settings, redis_url)
+    name = settings.keys.task_name(service.route)
+
+    @app.task(name=name, bind=True, ignore_result=True, acks_late=True)
+    def run_job(self: Task, request: Any = None, **unexpected: Any) -> dict[str, Any]:
+        body = request if not unexpected else {"request": request, **unexpected}
+        return service.handle(body, self.request.id)
+
+    return app

@@ -1,0 +1,275 @@
+"""Micro-batching: inputs of many jobs, from any producer, gathered into one pipeline call.
+
+Celery runs each job as an ordinary task on a threads pool; the task hands its job to the
+:class:`MicroBatcher` and waits. One batching thread gathers inputs until ``max_batch_size``
+inputs or ``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ,
+sorts them by length so that padding stays small, runs each group, and stores every
+finished job's record in one Redis round trip. Each job keeps its own Celery task, state,
+events and result.
+
+Failures are isolated: a batch that fails is split in halves and retried, down to single
+inputs, so one bad input (or an out-of-memory batch) fails only its own job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.contract import JobRequest, JobState
+from producer.store import Outcome
+
+from .runner import PipelineRunner, is_out_of_memory, shape_result
+
+log = logging.getLogger("pipeq.batcher")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How a route forms batches."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    #: Cap on (longest input length x batch size) in one call; 0 means no cap.
+    max_batch_tokens: int = 0
+
+
+@dataclass(eq=False)
+class JobInFlight:
+    """One job inside the worker: its request, collected outputs and completion signal."""
+
+    request: JobRequest
+    outputs: list[Any] = field(default_factory=list)
+    remaining: int = 0
+    outcome: Outcome | None = None
+    started: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.request.inputs)
+        self.remaining = len(self.request.inputs)
+
+    @property
+    def job_id(self) -> str:
+        """The job's id."""
+        return self.request.job_id
+
+    def fail(self, state: JobState, error_type: str, message: str, retryable: bool = False
+             ) -> None:
+        """Record a failure outcome (the first outcome wins)."""
+        if self.outcome is None:
+            self.outcome = Outcome(
+                self.job_id, state,
+                {"type": error_type, "message": message, "retryable": retryable},
+                self.request.reply_to,
+            )
+
+
+@dataclass(slots=True)
+class Slot:
+    """One input of one job, waiting for a batch."""
+
+    job: JobInFlight
+    index: int
+    item: Any
+    length: int
+    params_key: str
+
+
+def input_length(item: Any) -> int:
+    """A cheap proxy of an input's token count, for grouping inputs of similar length."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, dict):
+        return sum(len(v) for v in item.values() if isinstance(v, str))
+    return 0
+
+
+StartJobs = Callable[[list[JobInFlight]], None]
+FinishJobs = Callable[[list[JobInFlight]], None]
+BatchObserver = Callable[[int, float, list[str]], None]
+
+
+class MicroBatcher:
+    """Gathers inputs of many jobs into batched pipeline calls on one thread."""
+
+    def __init__(self, runner: PipelineRunner, policy: BatchPolicy, start_jobs: StartJobs,
+                 finish_jobs: FinishJobs, observe: BatchObserver | None = None):
+        self.runner = runner
+        self.policy = policy
+        self._start_jobs = start_jobs
+        self._finish_jobs = finish_jobs
+        self._observe = observe
+        self._queue: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
+        self._stopping = threading.Event()
+        self._last_batch_size = 0
+
+    def start(self) -> None:
+        """Start the batching thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in hand, then stop the thread."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job: JobInFlight) -> None:
+        """Queue every input of ``job`` for batching; ``job.done`` is set when it ends."""
+        key = json.dumps(job.request.params, sort_keys=True)
+        for index, item in enumerate(job.request.inputs):
+            self._queue.put(Slot(job, index, item, input_length(item), key))
+
+    # the batching thread
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            slots = self._gather()
+            if slots:
+                try:
+                    self._process(slots)
+                except Exception:  # never let the batching thread die: fail the jobs instead
+                    log.exception("batch of %d inputs failed unexpectedly", len(slots))
+                    self._fail_unexpected(slots)
+
+    def _gather(self) -> list[Slot]:
+        first = self._queue.get()
+        if first is None:
+            return []
+        slots = [first]
+        limit = self.policy.max_batch_size
+        self._drain(slots, limit)
+        # Wait for more only under load: a lone request (the last batch had one input) runs
+        # at once, so light traffic pays no batching delay.
+        if len(slots) < limit and self._last_batch_size > 1 and self.policy.max_wait_ms > 0:
+            deadline = time.monotonic() + self.policy.max_wait_ms / 1000
+            while len(slots) < limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    slot = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if slot is None:
+                    self._stopping.set()
+                    break
+                slots.append(slot)
+                self._drain(slots, limit)
+        self._last_batch_size = len(slots)
+        return slots
+
+    def _drain(self, slots: list[Slot], limit: int) -> None:
+        while len(slots) < limit:
+            try:
+                slot = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if slot is None:
+                self._stopping.set()
+                return
+            slots.append(slot)
+
+    def _process(self, slots: list[Slot]) -> None:
+        fresh = _unique(s.job for s in slots if not s.job.started)
+        if fresh:
+            self._start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
+            for job in fresh:
+                job.started = True
+        live = [s for s in slots if s.job.outcome is None]
+        groups: dict[str, list[Slot]] = {}
+        for slot in live:
+            groups.setdefault(slot.params_key, []).append(slot)
+        for group in groups.values():
+            group.sort(key=lambda s: s.length)
+            for chunk in self._chunks(group):
+                self._run(chunk)
+        self._complete(_unique(s.job for s in slots))
+
+    def _chunks(self, group: list[Slot]) -> Iterable[list[Slot]]:
+        budget = self.policy.max_batch_tokens
+        chunk: list[Slot] = []
+        for slot in group:
+            too_many = len(chunk) >= self.policy.max_batch_size
+            over_budget = budget and chunk and slot.length * (len(chunk) + 1) > budget
+            if chunk and (too_many or over_budget):
+                yield chunk
+                chunk = []
+            chunk.append(slot)
+        if chunk:
+            yield chunk
+
+    def _run(self, chunk: list[Slot]) -> None:
+        params = chunk[0].job.request.params
+        started = time.perf_counter()
+        try:
+            outputs = self.runner.run([s.item for s in chunk], params)
+        except Exception as exc:
+            self._isolate(chunk, exc)
+            return
+        for slot, output in zip(chunk, outputs, strict=True):
+            slot.job.outputs[slot.index] = output
+            slot.job.remaining -= 1
+        if self._observe:
+            self._observe(len(chunk), time.perf_counter() - started,
+                          sorted({s.job.job_id for s in chunk}))
+
+    def _isolate(self, chunk: list[Slot], exc: Exception) -> None:
+        oom = is_out_of_memory(exc)
+        if oom:
+            self.runner.free_memory()
+        if len(chunk) > 1:
+            half = len(chunk) // 2
+            log.info("batch of %d failed (%s: %s); retrying in halves", len(chunk),
+                     type(exc).__name__, exc)
+            self._run(chunk[:half])
+            self._run(chunk[half:])
+            return
+        slot = chunk[0]
+        if oom:
+            message = (f"input #{slot.index} does not fit in device memory even alone "
+                       f"({exc}); shorten it or serve the route on a larger device")
+            slot.job.fail(JobState.FAILURE, "OutOfMemory", message)
+        else:
+            log.info("job %s input #%d failed: %s: %s", slot.job.job_id, slot.index,
+                     type(exc).__name__, exc)
+            slot.job.fail(JobState.FAILURE, type(exc).__name__, f"input #{slot.index}: {exc}")
+
+    def _complete(self, jobs: list[JobInFlight]) -> None:
+        finished = []
+        for job in jobs:
+            if job.outcome is None and job.remaining == 0:
+                request = job.request
+                result = shape_result(self.runner.task, request.inputs, request.single,
+                                      request.params, job.outputs)
+                job.outcome = Outcome(job.job_id, JobState.SUCCESS, result, request.reply_to)
+            if job.outcome is not None and not job.done.is_set():
+                finished.append(job)
+        if finished:
+            self._finish_jobs(finished)
+            for job in finished:
+                job.done.set()
+
+    def _fail_unexpected(self, slots: list[Slot]) -> None:
+        jobs = _unique(s.job for s in slots)
+        for job in jobs:
+            job.fail(JobState.FAILURE, "WorkerError", "the worker failed to run the batch",
+                     retryable=True)
+        try:
+            self._finish_jobs([j for j in jobs if not j.done.is_set()])
+        finally:
+            for job in jobs:
+                job.done.set()
+
+
+def _unique(jobs: Iterable[JobInFlight]) -> list[JobInFlight]:
+    seen: dict[int, JobInFlight] = {}
+    for job in jobs:
+        seen.setdefault(id(job), job)
+    return list(seen.values())
