@@ -25,6 +25,9 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         "socket_connect_timeout": settings.connect_timeout_s,
         "socket_keepalive": True,
         "health_check_interval": 10,
+        # Every key Celery writes (queues, unacked, bindings, events) lives under our prefix:
+        # deployments sharing one Redis database stay apart.
+        "global_keyprefix": settings.keys.broker_prefix,
     }
     config: dict[str, Any] = {
         "broker_url": redis_url,

@@ -127,10 +127,24 @@ class Keys:
 
     def __init__(self, prefix: str = "pipeq"):
         self.prefix = prefix
+        #: kombu's ``global_keyprefix``: prepended to every key Celery itself writes.
+        self.broker_prefix = f"{prefix}:celery:"
 
     def queue(self, route: Route) -> str:
         """The Celery queue (a Redis list) of a route."""
         return f"{self.prefix}.q.{route.id}"
+
+    def queue_key(self, route: Route) -> str:
+        """The Redis list holding a route's queued messages (under the broker prefix)."""
+        return self.broker_prefix + self.queue(route)
+
+    def unacked_index(self) -> str:
+        """kombu's sorted set of delivered, not yet acknowledged messages (by delivery time)."""
+        return self.broker_prefix + "unacked_index"
+
+    def unacked(self) -> str:
+        """kombu's hash of delivered, not yet acknowledged messages (delivery tag -> message)."""
+        return self.broker_prefix + "unacked"
 
     def task_name(self, route: Route) -> str:
         """The Celery task name of a route; carries the route so Flower can group by it."""

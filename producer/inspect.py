@@ -42,12 +42,12 @@ class RouteStatus:
 
 def queue_depth(client: redis.Redis, keys: Keys, route: Route) -> int:
     """Messages waiting in a route's queue (not counting those held by workers)."""
-    return int(client.llen(keys.queue(route)))
+    return int(client.llen(keys.queue_key(route)))
 
 
 def oldest_age(client: redis.Redis, keys: Keys, route: Route) -> float | None:
     """Seconds since the oldest queued job of a route was submitted (None if empty)."""
-    raw = client.lindex(keys.queue(route), -1)  # kombu pushes left, pops right
+    raw = client.lindex(keys.queue_key(route), -1)  # kombu pushes left, pops right
     if raw is None:
         return None
     try:

@@ -38,6 +38,7 @@ class ResultWaiter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._wake = threading.Event()
 
     def watch(self, job_id: str) -> Future[JobRecord]:
         """A Future resolved with the job's final record (shared by all who watch the job)."""
@@ -46,6 +47,7 @@ class ResultWaiter:
             if future is None:
                 future = Future()
                 self._futures[job_id] = future
+            self._wake.set()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pipeq-result-waiter", daemon=True
@@ -68,11 +70,19 @@ class ResultWaiter:
     def close(self) -> None:
         """Stop the waiter thread."""
         self._stopping.set()
+        self._wake.set()
 
     def _run(self) -> None:
         last_poll = time.monotonic()
         backoff = 0.05
         while not self._stopping.is_set():
+            with self._lock:
+                idle = not self._futures
+                if idle:
+                    self._wake.clear()
+            if idle:  # nothing to wait for: no Redis traffic until someone watches a job
+                self._wake.wait()
+                continue
             try:
                 finished = self._next_wakeups()
                 if time.monotonic() - last_poll >= self._poll_s:

@@ -1,0 +1,34 @@
+# pipeq's commands. Each one sets up its own virtual environment first (Python 3.11+).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pipeq-installed
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[worker,monitor,test,demo]" "$(TORCH)"
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python examples/demo.py
+
+lint: setup
+	$(BIN)/ruff check producer worker tests benchmarks examples
+	$(BIN)/mypy
+
+test: lint
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .artifacts
