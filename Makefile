@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pipeq-installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser
 
 setup: $(STAMP)
 
@@ -24,7 +24,19 @@ lint: setup
 	$(BIN)/ruff check producer worker tests benchmarks examples
 	$(BIN)/mypy
 
-test: lint
+# Headless Chromium for the Flower browser test (tests/e2e): installed from Debian when
+# missing and we may (root with apt-get); otherwise that test skips. Never fails the target.
+browser:
+	-@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || \
+	    echo "chromium not installed: the browser test will be skipped"; }
+
+test: lint browser
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

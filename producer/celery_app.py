@@ -28,6 +28,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # Every key Celery writes (queues, unacked, bindings, events) lives under our prefix:
         # deployments sharing one Redis database stay apart.
         "global_keyprefix": settings.keys.broker_prefix,
+        # Look for messages of dead workers often (cheap: one ZRANGE under a mutex), so they
+        # come back soon after the visibility timeout rather than up to 100 s later.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
     }
     config: dict[str, Any] = {
         "broker_url": redis_url,

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="serve a route (see `pipeq worker --help`)", add_help=False)
+    sub.add_parser("bulk", help="a file of inputs through a route, resumable; status; cancel "
+                   "(see `pipeq bulk --help`)", add_help=False)
 
     submit = sub.add_parser("submit", help="submit a job; prints its id (or result with --wait)")
     submit.add_argument("--task", required=True)
@@ -74,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
 
     sub.add_parser("config", help="print the effective settings (secrets masked)")
+
+    flower = sub.add_parser("flower", help="Flower dashboard on this deployment (basic auth)")
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--address", default="0.0.0.0", help="address to listen on")
+    flower.add_argument("--insecure", action="store_true",
+                        help="run without credentials (PIPEQ_FLOWER_USER/PASSWORD unset)")
+
+    dead = sub.add_parser("dead", help="dead letters: list, requeue ID, drop ID, purge")
+    dead.add_argument("action", nargs="?", default="list",
+                      choices=["list", "requeue", "drop", "purge"])
+    dead.add_argument("entry_id", nargs="?", help="the dead letter's id (requeue, drop)")
+
+    metrics = sub.add_parser("metrics", help="Prometheus exporter of queue depth, jobs, workers")
+    metrics.add_argument("--port", type=int, default=9808)
+    metrics.add_argument("--address", default="0.0.0.0", help="address to listen on")
     return parser
 
 
@@ -84,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from worker.cli import main as worker_main  # heavy: only for this subcommand
 
         return worker_main(argv[1:])
+    if argv and argv[0] == "bulk":
+        from .bulk_cli import main as bulk_main  # parses its own options (and status/cancel)
+
+        return bulk_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -119,6 +140,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     setup_logging("WARNING", settings.log_json)
     if args.command == "status":
         return _status(args, settings)
+    if args.command == "dead":
+        from .dead_cli import run_dead
+
+        return run_dead(settings, args.action, args.entry_id)
+    if args.command in ("flower", "metrics"):
+        setup_logging(settings.log_level, settings.log_json)  # long-running: say what happens
+        if args.command == "flower":
+            from .monitor import FlowerOptions, run_flower
+
+            return run_flower(settings, FlowerOptions(args.port, args.address, args.insecure))
+        from .metrics import serve_metrics
+
+        return serve_metrics(settings, args.port, args.address)
     from .client import Client, get_job, pipeline
 
     if args.command == "submit":
@@ -169,11 +203,17 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
             print(f"[{mark}] {s.route.describe()}  workers={len(s.workers)} "
                   f"queued={s.queue_depth} oldest={age}")
             for w in s.workers:
-                print(f"       {w['hostname']} device={w['device']} ready={w['ready']}")
+                print(f"       {w['hostname']} host={w.get('host', '-')} device={w['device']} "
+                      f"ready={w['ready']} beat={w['last_beat_age_s']:.1f}s ago"
+                      + _memory(w.get("device_memory_bytes")))
         if not statuses:
             print("no routes configured or announced")
     unhealthy = [s for s in statuses if (s.configured or only) and not s.healthy]
     return EXIT_NO_WORKER if unhealthy or (only and not statuses) else EXIT_OK
+
+
+def _memory(nbytes: Any) -> str:
+    return f" memory={nbytes / 2**20:.0f}MiB" if isinstance(nbytes, int | float) else ""
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, TypeVar
 
 import kombu.exceptions
 import redis
 
 from .celery_app import make_celery
 from .config import Settings, load_settings, mask_url
-from .contract import JobRequest, JobState, Route, new_job_id
+from .contract import JobRequest, JobState, Lane, Route, new_job_id
 from .errors import (
     BrokerUnavailable,
     JobCancelled,
@@ -31,6 +32,7 @@ from .errors import (
     NoWorkerError,
     ValidationError,
 )
+from .media import claim_ttl_s, pack_inputs
 from .params import validate_params
 from .registry import Registry
 from .store import JobRecord, JobStore
@@ -38,6 +40,8 @@ from .validation import normalize_inputs, validate_inputs
 from .waiter import ResultWaiter
 
 log = logging.getLogger("pipeq.client")
+
+T = TypeVar("T")
 
 #: Loading options that belong to the worker serving a route, not to the caller.
 WORKER_SIDE_OPTIONS = ("device", "device_map", "dtype", "torch_dtype", "trust_remote_code",
@@ -85,17 +89,49 @@ class Client:
                 client = cls._instances[key] = cls(settings)
             return client
 
+    def call_redis(self, action: Callable[[], T]) -> T:
+        """Run a Redis call, retrying a lost connection for up to ``connect_timeout_s``.
+
+        Redis restarting is not an error a caller should see; Redis staying away is, as a
+        BrokerUnavailable after a bounded wait, never a hang.
+        """
+        deadline = time.monotonic() + self.settings.connect_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return action()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerUnavailable(
+                        f"cannot reach Redis at {mask_url(self.redis_url)} "
+                        f"(retried {self.settings.connect_timeout_s:g}s): {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     def send(self, request: JobRequest) -> None:
-        """Publish a job message onto its route's queue (bounded retry, then BrokerUnavailable)."""
+        """Publish a job message onto its route's queue (bounded retry, then BrokerUnavailable).
+
+        Claim-checked media payloads are stored first, in one round trip, expiring a little
+        after the job's deadline; the worker deletes them when the job ends.
+        """
         try:
+            if request.claims:
+                remaining = (request.deadline or time.time() + 3600) - time.time()
+                ttl = claim_ttl_s(max(remaining, 1.0))
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for key, data in request.claims.items():
+                        pipe.set(key, data, ex=ttl)
+                    pipe.execute()
             self.celery.send_task(
                 self.keys.task_name(request.route),
                 kwargs={"request": request.model_dump(mode="json")},
                 task_id=request.job_id,
-                queue=self.keys.queue(request.route),
+                queue=self.keys.queue_for(request.route, request.lane),
                 retry=True,
             )
-        except (kombu.exceptions.OperationalError, redis.ConnectionError, OSError) as exc:
+        except (kombu.exceptions.OperationalError, redis.ConnectionError, redis.TimeoutError,
+                OSError) as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {mask_url(self.redis_url)} to enqueue job "
                 f"{request.job_id}: {exc}. Is Redis running, and PIPEQ_REDIS_URL right?"
@@ -121,7 +157,7 @@ class Job:
 
     def status(self) -> str:
         """PENDING, STARTED, SUCCESS, FAILURE, CANCELLED or EXPIRED."""
-        (state,) = self.client.store.states([self.id])
+        (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
         return (state or JobState.PENDING).value
 
     def done(self) -> bool:
@@ -136,7 +172,7 @@ class Job:
         """
         wait = self.client.settings.default_timeout_s if timeout is None else timeout
         future = self.client.waiter.watch(self.id)
-        record = self.client.store.get(self.id)
+        record = self.client.call_redis(lambda: self.client.store.get(self.id))
         if record is not None and record.state.is_final:
             self.client.waiter.resolve(record)
         try:
@@ -152,7 +188,8 @@ class Job:
         """The result, awaited without blocking the event loop."""
         wait = self.client.settings.default_timeout_s if timeout is None else timeout
         future = self.client.waiter.watch(self.id)
-        record = await asyncio.to_thread(self.client.store.get, self.id)
+        record = await asyncio.to_thread(self.client.call_redis,
+                                         lambda: self.client.store.get(self.id))
         if record is not None and record.state.is_final:
             self.client.waiter.resolve(record)
         try:
@@ -170,8 +207,8 @@ class Job:
         Cancelling a running job is best-effort: the worker finishes the batch in hand,
         but the job stays CANCELLED and its result is discarded.
         """
-        before = self.client.store.cancel(self.id)
-        record = self.client.store.get(self.id)
+        before = self.client.call_redis(lambda: self.client.store.cancel(self.id))
+        record = self.client.call_redis(lambda: self.client.store.get(self.id))
         if record is not None:
             self.client.waiter.resolve(record)
         return before == JobState.PENDING
@@ -208,18 +245,43 @@ class RemotePipeline:
         return self.submit(inputs, timeout=timeout, **params).result(timeout)
 
     def submit(self, inputs: Any, *, timeout: float | None = None,
-               require_worker: bool | None = None, **params: Any) -> Job:
+               require_worker: bool | None = None, idempotency_key: str | None = None,
+               **params: Any) -> Job:
         """Enqueue a job and return its handle at once.
 
         ``timeout`` (seconds, default ``default_timeout_s``) is the job's deadline: a job
         still queued then is not run (EXPIRED). ``require_worker=False`` enqueues even when
         no live worker serves the route (for workers that start later).
+        ``idempotency_key``: submitting again with the same key (within the result TTL)
+        returns the first job's handle and enqueues nothing.
         """
         request = self.build_request(inputs, params, timeout)
         self._check_workers(require_worker)
+        if idempotency_key is not None:
+            existing = self._claim_idempotency_key(idempotency_key, request.job_id)
+            if existing is not None:
+                return Job(self.client, existing, self.route)
         job = Job(self.client, request.job_id, self.route)
-        self.client.send(request)
+        try:
+            self.client.send(request)
+        except BaseException:
+            if idempotency_key is not None:  # nothing was enqueued: free the key again
+                self.client.redis.delete(self.client.keys.idempotency(idempotency_key))
+            raise
         return job
+
+    def _claim_idempotency_key(self, key: str, job_id: str) -> str | None:
+        """Bind ``key`` to ``job_id``; return the job id it was already bound to, if any."""
+        if not key or len(key) > 256:
+            raise ValidationError("idempotency_key must be a non-empty string of <= 256 chars")
+        name = self.client.keys.idempotency(key)
+        ttl = self.client.settings.result_ttl_s
+        claimed = self.client.call_redis(lambda: self.client.redis.set(name, job_id, nx=True,
+                                                                       ex=ttl))
+        if claimed:
+            return None
+        existing = self.client.call_redis(lambda: self.client.redis.get(name))
+        return existing.decode() if isinstance(existing, bytes) else existing
 
     async def asubmit(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
         """Submit and await the result without blocking the event loop."""
@@ -228,38 +290,60 @@ class RemotePipeline:
 
     acall = asubmit
 
+    def map(self, inputs: Iterable[Any], *, chunk_size: int = 64, max_in_flight: int = 4,
+            on_error: str = "raise", timeout: float | None = None, **params: Any
+            ) -> Iterator[Any]:
+        """Run every input of ``inputs`` (any iterable, read lazily); yield results in order.
+
+        Inputs travel in chunks of ``chunk_size`` (one bulk-lane job each), with at most
+        ``max_in_flight`` chunks submitted and not yet consumed. Each result is what the
+        local pipeline's list call gives for that input. A failing input raises JobFailed
+        when its turn comes (``on_error="raise"``) or is yielded as a ``producer.bulk.ItemError``
+        (``on_error="record"``). See ``producer.bulk.map_inputs``.
+        """
+        from .bulk import map_inputs  # the bulk engine is only loaded by those who use it
+
+        return map_inputs(self, inputs, chunk_size=chunk_size, max_in_flight=max_in_flight,
+                          on_error=on_error, timeout=timeout, **params)
+
     def job(self, job_id: str) -> Job:
         """A handle on an earlier job of this route, by id."""
         return Job(self.client, job_id, self.route)
 
-    def build_request(self, inputs: Any, params: dict[str, Any], timeout: float | None
-                      ) -> JobRequest:
+    def build_request(self, inputs: Any, params: dict[str, Any], timeout: float | None,
+                      lane: Lane = "interactive") -> JobRequest:
         """Validate a call and build its message; raises ValidationError, enqueues nothing."""
         settings = self.client.settings
         items, single = normalize_inputs(inputs)
+        job_id = new_job_id()
+        # Images and audio become envelopes; big payloads are claim-checked (producer.media).
+        limit = settings.payload_limit(self.route)
+        packed = pack_inputs(self.task, items, job_id=job_id, keys=self.client.keys,
+                             max_payload_bytes=limit,
+                             claim_check_bytes=settings.claim_check_bytes)
+        items = packed.items
         validate_inputs(self.task, items, max_chars=settings.max_input_chars,
-                        max_items=settings.max_inputs_per_job)
+                        max_items=settings.max_inputs_per_job, max_payload_bytes=limit)
         clean = validate_params(self.task, params)
         wait = settings.default_timeout_s if timeout is None else timeout
-        if not wait > 0:
-            raise ValidationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        # inf would overflow the worker's and the waiter's Event.wait(): refuse it here.
+        if not 0 < wait < math.inf:
+            raise ValidationError(
+                f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         submitted = time.time()
-        return JobRequest(
-            job_id=new_job_id(), route=self.route, inputs=items, single=single, params=clean,
+        request = JobRequest(
+            job_id=job_id, route=self.route, inputs=items, single=single, params=clean,
             submitted_at=submitted, deadline=submitted + wait,
-            reply_to=self.client.waiter.reply_key,
+            reply_to=self.client.waiter.reply_key, lane=lane,
         )
+        request.claims.update(packed.claims)  # stored by Client.send, just before publishing
+        return request
 
     def _check_workers(self, require_worker: bool | None) -> None:
         required = self.client.settings.require_worker if require_worker is None else require_worker
         if not required:
             return
-        try:
-            live = self.client.registry.live_count(self.route)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Redis at {mask_url(self.client.redis_url)}: {exc}"
-            ) from exc
+        live = self.client.call_redis(lambda: self.client.registry.live_count(self.route))
         if live == 0:
             raise NoWorkerError(
                 f"no live worker serves route {self.route.describe()}. Start one with "

@@ -5,10 +5,15 @@ little-endian bytes instead of JSON text (about 4x smaller, and decoding is a me
 The producer decodes an array into nested Python lists equal to what the local pipeline's
 ``tensor.tolist()`` gives, unless the caller asked for arrays (then numpy, if installed).
 This module imports neither torch nor numpy: the producer stays light.
+
+A second extension type carries images (e.g. image-segmentation masks) as lossless file
+bytes (PNG; TIFF for modes PNG cannot hold). The producer turns them back into
+``PIL.Image.Image`` objects when Pillow is installed, else hands over the file bytes.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from array import array
 from dataclasses import dataclass
@@ -17,6 +22,7 @@ from typing import Any
 import msgpack
 
 EXT_ARRAY = 1
+EXT_IMAGE = 2
 
 # dtype name -> array module typecode; covers what pipelines return.
 _TYPECODES = {
@@ -55,9 +61,8 @@ class ArrayPayload:
             except ImportError:  # a producer without numpy still gets the values
                 pass
             else:
-                return np.frombuffer(self.data, dtype="<" + _np_code(self.dtype)).reshape(
-                    self.shape
-                )
+                dtype = np.dtype(self.dtype).newbyteorder("<")  # "<float32" is no dtype
+                return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
         return _nest(self._flat(), self.shape)
 
     def _flat(self) -> list[Any]:
@@ -71,8 +76,24 @@ class ArrayPayload:
         return flat
 
 
-def _np_code(dtype: str) -> str:
-    return {"bool": "?"}.get(dtype, dtype)
+@dataclass(frozen=True, slots=True)
+class ImagePayload:
+    """An image on the wire: lossless file bytes (PNG, or TIFF for modes PNG cannot hold)."""
+
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"ImagePayload({len(self.data)} bytes)"
+
+    def to_python(self) -> Any:
+        """A loaded ``PIL.Image.Image`` when Pillow is installed, else the file bytes."""
+        try:
+            from PIL import Image
+        except ImportError:
+            return self.data
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image
 
 
 def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:
@@ -88,6 +109,8 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, ArrayPayload):
         header = msgpack.packb([obj.dtype, list(obj.shape), obj.as_list])
         return msgpack.ExtType(EXT_ARRAY, len(header).to_bytes(4, "little") + header + obj.data)
+    if isinstance(obj, ImagePayload):
+        return msgpack.ExtType(EXT_IMAGE, obj.data)
     if isinstance(obj, tuple):
         return list(obj)
     raise TypeError(f"cannot encode {type(obj).__name__} in a pipeq result")
@@ -98,14 +121,17 @@ def _ext_hook(code: int, data: bytes) -> Any:
         size = int.from_bytes(data[:4], "little")
         dtype, shape, as_list = msgpack.unpackb(data[4 : 4 + size])
         return ArrayPayload(dtype, tuple(shape), bytes(data[4 + size :]), as_list).to_python()
+    if code == EXT_IMAGE:
+        return ImagePayload(bytes(data)).to_python()
     return msgpack.ExtType(code, data)
 
 
 def encode(obj: Any) -> bytes:
-    """Encode a job record (dicts, lists, scalars, ArrayPayload) to bytes."""
+    """Encode a job record (dicts, lists, scalars, ArrayPayload, ImagePayload) to bytes."""
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
-    """Decode bytes made by :func:`encode`; arrays come back as nested lists or numpy."""
+    """Decode bytes made by :func:`encode`; arrays come back as nested lists or numpy,
+    images as PIL images (or PNG/TIFF bytes without Pillow)."""
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydantic_settings import (
 
 from .contract import Keys, Route
 from .errors import ConfigError
+from .tasks import canonical_task
 
 log = logging.getLogger("pipeq.config")
 
@@ -54,6 +56,16 @@ class RouteSpec(BaseModel):
     max_batch_tokens: Annotated[int, Field(ge=0)] = 0
     #: A job running longer than this fails with JobTimeout (enforced by the worker).
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    #: Let the worker fetch http(s) URLs given as image/audio inputs (off: a URL fails the job).
+    allow_urls: bool = False
+    #: Largest image/audio payload one input may carry (None: the PIPEQ_MAX_PAYLOAD_BYTES one).
+    max_payload_bytes: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _served_task(cls, value: str) -> str:
+        canonical_task(value)  # a removed or misspelled task is an error of the routes file
+        return value
 
     @cached_property
     def route(self) -> Route:
@@ -78,6 +90,8 @@ class Settings(BaseSettings):
         env_prefix="PIPEQ_",
         extra="forbid",
         frozen=True,
+        # pydantic's errors quote the input: a bad PIPEQ_REDIS_URL would show its password.
+        hide_input_in_errors=True,
         toml_file=str(DEFAULT_SETTINGS_DIR / "pipeq.toml"),
     )
 
@@ -92,13 +106,30 @@ class Settings(BaseSettings):
     result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
     #: Default deadline of a job, and of a caller's wait for it.
     default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    #: Redelivery of messages a dead worker held; workers extend it for jobs they still run.
-    visibility_timeout_s: Annotated[int, Field(ge=5)] = 3600
+    #: Messages a dead worker held are redelivered after this long. Live workers renew the
+    #: lease of every message they hold, so a long or long-queued job is never run twice.
+    visibility_timeout_s: Annotated[int, Field(ge=2)] = 300
+    #: A job started this many times without finishing (its workers died) is a poison
+    #: message: it fails and goes to the dead-letter list instead of killing more workers.
+    max_deliveries: Annotated[int, Field(ge=1)] = 5
+    #: Transient errors (connection resets, timeouts) are retried this many times with
+    #: exponential backoff and jitter, starting at retry_backoff_s.
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
+    #: Fault injection for pipeq's own fault tests (see worker/faults.py); never in production.
+    faults: str | None = None
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     #: A producer refuses to enqueue for a route no live worker serves (NoWorkerError).
     require_worker: bool = True
     max_input_chars: Annotated[int, Field(ge=1)] = 100_000
     max_inputs_per_job: Annotated[int, Field(ge=1)] = 10_000
+    #: Largest image/audio payload of one input, unless its route sets its own.
+    max_payload_bytes: Annotated[int, Field(ge=1)] = 32 * 1024 * 1024
+    #: Media bytes a job carries inline in its message (base64, and kombu base64-encodes the
+    #: body again: x1.78 in Redis); the rest goes out of band, stored raw in Redis under a key
+    #: the message carries (claim check). 0: always out of band. Measured: inline and claim
+    #: cost the same near 50 KB; at 250 KB inline publishing is ~8x slower.
+    claim_check_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
     #: How long a producer retries an unreachable Redis before BrokerUnavailable.
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     #: Celery task events for Flower (task-received/started/succeeded/failed).
@@ -147,6 +178,13 @@ class Settings(BaseSettings):
         """The configured spec of a route, if the routing table has one."""
         return next((spec for spec in self.routes if spec.route == route), None)
 
+    def payload_limit(self, route: Route) -> int:
+        """The media payload limit of ``route``: its routing-table entry's, else the setting."""
+        spec = self.route_spec(route)
+        if spec is not None and spec.max_payload_bytes is not None:
+            return spec.max_payload_bytes
+        return self.max_payload_bytes
+
     def redis_url_value(self) -> str:
         """The Redis URL to connect to: the configured one, or the embedded server's."""
         if self.redis_url is not None:
@@ -183,17 +221,21 @@ def load_routes(path: Path) -> list[RouteSpec]:
 
 
 def mask_url(url: str) -> str:
-    """Replace the password (and a user-only secret) in a URL by asterisks."""
+    """Replace the password (and a user-only secret, and ``?password=``) in a URL by asterisks."""
     parts = urlsplit(url)
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2****", parts.query)
     if parts.password is None and not parts.username:
-        return url
+        if query == parts.query:
+            return url
+        base, _, rest = url.partition("?")
+        return f"{base}?{query}{rest[len(parts.query):]}"
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
     user = parts.username or ""
     secret = "****" if parts.password is not None else ""
     creds = f"{user}:{secret}" if secret else ("****" if user else "")
-    return urlunsplit((parts.scheme, f"{creds}@{host}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, f"{creds}@{host}", parts.path, query, parts.fragment))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -12,15 +12,17 @@ import re
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from .tasks import canonical_task
 
 JSONScalar = str | int | float | bool | None
 #: One input of a pipeline call: a string, or a mapping (e.g. {"text": ..., "text_pair": ...}).
 InputItem = str | dict[str, Any]
+#: Which lane a job travels in: interactive jobs are served before waiting bulk chunks.
+Lane = Literal["interactive", "bulk"]
 
 SCHEMA_VERSION = 1
 
@@ -101,6 +103,17 @@ class JobRequest(BaseModel):
     deadline: float | None = None
     #: Redis list the worker pushes the finished job id onto, to wake the waiting producer.
     reply_to: str | None = None
+    #: "bulk" for chunks of a bulk job (``producer.bulk``): they travel on the route's bulk
+    #: queue and the worker runs waiting interactive jobs first, so a bulk job never starves them.
+    lane: Lane = "interactive"
+    # Claim-checked media payloads (Redis key -> raw bytes) that Client.send stores before
+    # publishing; producer side only, never serialised (see producer.media).
+    _claims: dict[str, bytes] = PrivateAttr(default_factory=dict)
+
+    @property
+    def claims(self) -> dict[str, bytes]:
+        """Media payloads the sender stores in Redis before publishing (claim check)."""
+        return self._claims
 
     @field_validator("v")
     @classmethod
@@ -138,6 +151,22 @@ class Keys:
         """The Redis list holding a route's queued messages (under the broker prefix)."""
         return self.broker_prefix + self.queue(route)
 
+    def bulk_queue(self, route: Route) -> str:
+        """The Celery queue of a route's bulk chunks (the worker polls it after ``queue``)."""
+        return f"{self.queue(route)}.bulk"
+
+    def bulk_queue_key(self, route: Route) -> str:
+        """The Redis list holding a route's queued bulk chunks (under the broker prefix)."""
+        return self.broker_prefix + self.bulk_queue(route)
+
+    def queue_for(self, route: Route, lane: Lane) -> str:
+        """The queue a job of ``lane`` ("interactive" or "bulk") is published to."""
+        return self.bulk_queue(route) if lane == "bulk" else self.queue(route)
+
+    def bulk(self, bulk_id: str) -> str:
+        """A bulk job's progress hash: totals, cancel flag, job ids of chunks in flight."""
+        return f"{self.prefix}:bulk:{bulk_id}"
+
     def unacked_index(self) -> str:
         """kombu's sorted set of delivered, not yet acknowledged messages (by delivery time)."""
         return self.broker_prefix + "unacked_index"
@@ -170,6 +199,10 @@ class Keys:
         """Hash of every route a worker ever announced: route id -> route JSON."""
         return f"{self.prefix}:routes"
 
+    def route_stats(self, route: Route) -> str:
+        """Hash of a route's running totals (jobs by final state, inputs, batches, seconds)."""
+        return f"{self.prefix}:route:{route.id}:stats"
+
     def worker_info(self, hostname: str) -> str:
         """A worker's self-description (JSON), expiring with its heartbeat."""
         return f"{self.prefix}:worker:{hostname}"
@@ -181,3 +214,7 @@ class Keys:
     def idempotency(self, key: str) -> str:
         """Maps a caller's idempotency key to the job id it created."""
         return f"{self.prefix}:idem:{key}"
+
+    def payload(self, job_id: str, part: int) -> str:
+        """A job's claim-checked media payload (raw bytes); deleted when the job ends."""
+        return f"{self.prefix}:payload:{job_id}:{part}"

@@ -69,9 +69,18 @@ def deployment_status(settings: Settings, client: redis.Redis,
                                         key=lambda r: r.describe())
     return [
         RouteStatus(
-            route=route, configured=route in configured, workers=registry.workers(route),
+            route=route, configured=route in configured, workers=_with_beat_age(registry, route),
             queue_depth=queue_depth(client, keys, route),
             oldest_age_s=oldest_age(client, keys, route),
         )
         for route in routes
     ]
+
+
+def _with_beat_age(registry: Registry, route: Route) -> list[dict[str, Any]]:
+    """Live workers of ``route``, each with the age of its last heartbeat."""
+    now = time.time()
+    workers = registry.workers(route)
+    for worker in workers:
+        worker["last_beat_age_s"] = round(max(0.0, now - float(worker.get("last_beat", now))), 3)
+    return workers

@@ -8,6 +8,7 @@ and again by the worker, which validates every message it receives.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -126,7 +127,35 @@ def validate_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
         parsed = model.model_validate(params)
     except pydantic.ValidationError as exc:
         raise ValidationError(_explain(task, model, exc)) from None
+    if model is OpenParams:
+        # No schema to type-check against: at least refuse what JSON cannot carry, which
+        # would otherwise fail later, at publish time, with a serialiser's error.
+        for name, value in params.items():
+            problem = _json_problem(value, depth=0)
+            if problem:
+                raise ValidationError(f"invalid call parameters for {task!r}: "
+                                      f"parameter {name!r} {problem}")
     return parsed.model_dump(exclude_none=True)
+
+
+def _json_problem(value: Any, depth: int) -> str | None:
+    """Why ``value`` cannot travel as finite JSON, or None when it can."""
+    if depth > 8:
+        return "is nested more than 8 levels deep"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"contains {value}, which JSON cannot carry"
+    if isinstance(value, dict):
+        bad_keys = [k for k in value if not isinstance(k, str)]
+        if bad_keys:
+            return f"has a non-string key {bad_keys[0]!r}"
+        items: list[Any] = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    else:
+        return f"cannot travel as JSON: got {type(value).__name__} {value!r:.60}"
+    return next((p for p in (_json_problem(v, depth + 1) for v in items) if p), None)
 
 
 def _explain(task: str, model: type[BaseModel], exc: pydantic.ValidationError) -> str:

@@ -20,7 +20,8 @@ from .contract import FINAL_STATES, JobState, Keys
 
 _FINAL = ",".join(sorted(s.value for s in FINAL_STATES))
 
-# KEYS: job keys; ARGV: ttl, worker, time, then nothing. Returns the ids' states before.
+# KEYS: job keys; ARGV: ttl, worker, time. Returns per job "<state before>:<starts>", where
+# starts counts how often a worker began the job (a re-delivery after a crash adds one).
 _START = f"""
 local final = {{}}
 for s in string.gmatch('{_FINAL}', '[^,]+') do final[s] = true end
@@ -28,22 +29,29 @@ local out = {{}}
 for i, key in ipairs(KEYS) do
   local state = redis.call('HGET', key, 'state')
   if state and final[state] then
-    out[i] = state
+    out[i] = state .. ':0'
   else
     redis.call('HSET', key, 'state', 'STARTED', 'worker', ARGV[2], 'started_at', ARGV[3])
+    local starts = redis.call('HINCRBY', key, 'starts', 1)
     redis.call('EXPIRE', key, ARGV[1])
-    out[i] = state or 'PENDING'
+    out[i] = (state or 'PENDING') .. ':' .. starts
   end
 end
 return out
 """
 
-# KEYS: job keys then reply lists (one per job, '' for none).
+#: Prefix of the fields of a route's stats hash (``Keys.route_stats``) that count the jobs
+#: which ended in each final state: ``jobs:SUCCESS``, ``jobs:FAILURE``, ...
+JOBS_IN_STATE = "jobs:"
+
+# KEYS: job keys then reply lists (one per job, '' for none), then optionally the route's
+# stats hash, where each stored final state is counted (once: skipped jobs are not).
 # ARGV: ttl, then per job: state, data, job id. Returns 1 per job stored, 0 per job skipped.
 _FINISH = f"""
 local final = {{}}
 for s in string.gmatch('{_FINAL}', '[^,]+') do final[s] = true end
-local n = #KEYS / 2
+local n = math.floor(#KEYS / 2)
+local stats = (#KEYS % 2 == 1) and KEYS[#KEYS] or nil
 local ttl = ARGV[1]
 local out = {{}}
 for i = 1, n do
@@ -59,6 +67,9 @@ for i = 1, n do
     if reply ~= '' then
       redis.call('RPUSH', reply, ARGV[base + 2])
       redis.call('EXPIRE', reply, ttl)
+    end
+    if stats then
+      redis.call('HINCRBY', stats, '{JOBS_IN_STATE}' .. ARGV[base], 1)
     end
     out[i] = 1
   end
@@ -101,18 +112,36 @@ class JobStore:
 
     def start(self, job_ids: list[str], worker: str) -> dict[str, JobState]:
         """Mark jobs STARTED unless already final; return each job's state before."""
+        return {j: state for j, (state, _) in self.start_counted(job_ids, worker).items()}
+
+    def start_counted(self, job_ids: list[str], worker: str) -> dict[str, tuple[JobState, int]]:
+        """Like :meth:`start`, also returning how many times each job has now been started.
+
+        A count above one means the job was re-delivered (its earlier worker died or lost
+        Redis); a count that keeps growing marks a poison message.
+        """
         if not job_ids:
             return {}
         keys = [self.keys.result(j) for j in job_ids]
-        before = self._start(keys=keys, args=[self.ttl_s, worker, f"{time.time():.6f}"])
-        return {j: JobState(_text(s)) for j, s in zip(job_ids, before, strict=True)}
+        rows = self._start(keys=keys, args=[self.ttl_s, worker, f"{time.time():.6f}"])
+        out = {}
+        for job_id, row in zip(job_ids, rows, strict=True):
+            state, _, starts = _text(row).rpartition(":")
+            out[job_id] = (JobState(state), int(starts))
+        return out
 
-    def finish(self, outcomes: list[Outcome]) -> list[bool]:
-        """Store final records (skipping jobs already final); True where one was stored."""
+    def finish(self, outcomes: list[Outcome], stats_key: str | None = None) -> list[bool]:
+        """Store final records (skipping jobs already final); True where one was stored.
+
+        With ``stats_key`` (a route's ``Keys.route_stats``), each stored final state is also
+        counted there, in the same atomic step: a re-delivered job is never counted twice.
+        """
         if not outcomes:
             return []
         keys = [self.keys.result(o.job_id) for o in outcomes]
         keys += [o.reply_to or "" for o in outcomes]
+        if stats_key:
+            keys.append(stats_key)
         args: list[Any] = [self.ttl_s]
         for o in outcomes:
             data = {"result": o.payload} if o.state == JobState.SUCCESS else {"error": o.payload}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import ValidationError
+from .media import check_envelope, is_envelope, media_kind
 
 #: Tasks whose inputs are text (a string, or a mapping of strings such as text/text_pair).
 TEXT_TASKS = frozenset(
@@ -35,8 +36,13 @@ def normalize_inputs(inputs: Any) -> tuple[list[Any], bool]:
     return [inputs], True
 
 
-def validate_inputs(task: str, items: list[Any], *, max_chars: int, max_items: int) -> None:
-    """Check every input of a job for its task; raise ValidationError naming the first bad one."""
+def validate_inputs(task: str, items: list[Any], *, max_chars: int, max_items: int,
+                    max_payload_bytes: int | None = None) -> None:
+    """Check every input of a job for its task; raise ValidationError naming the first bad one.
+
+    Image and audio tasks take media envelopes (``producer.media``), each payload at most
+    ``max_payload_bytes``; a plain value where media belongs is an error.
+    """
     if len(items) > max_items:
         raise ValidationError(
             f"{len(items)} inputs in one job exceed the limit of {max_items} "
@@ -46,6 +52,8 @@ def validate_inputs(task: str, items: list[Any], *, max_chars: int, max_items: i
         where = f"input #{index}" if len(items) > 1 else "the input"
         if task in TEXT_TASKS:
             _check_text_item(task, item, where, max_chars)
+        elif media_kind(task) is not None:
+            _check_media_item(item, where, max_chars, max_payload_bytes)
         else:
             _check_json(item, where, max_chars, depth=0)
 
@@ -67,6 +75,24 @@ def _check_text_item(task: str, item: Any, where: str, max_chars: int) -> None:
             _check_string(value, f"{where} {key!r}", max_chars)
         return
     raise ValidationError(f"{where} of {task} must be a string, got {_kind(item)}")
+
+
+def _check_media_item(item: Any, where: str, max_chars: int, max_payload_bytes: int | None
+                      ) -> None:
+    """A media envelope, or a dict (document-style tasks) whose media are envelopes."""
+    if is_envelope(item):
+        check_envelope(item, where, max_payload_bytes)
+        return
+    if not isinstance(item, dict):
+        raise ValidationError(f"{where} must be a media envelope (see producer.media), got "
+                              f"{_kind(item)}")
+    for key, value in item.items():
+        values = value if isinstance(value, list) else [value]
+        for part in values:
+            if is_envelope(part):
+                check_envelope(part, f"{where} {key!r}", max_payload_bytes)
+            else:
+                _check_json(part, f"{where} {key!r}", max_chars, depth=1)
 
 
 def _check_string(text: str, where: str, max_chars: int) -> None:

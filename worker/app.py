@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 
 from producer.celery_app import make_celery
 from producer.config import Settings
@@ -22,4 +22,13 @@ def build_app(settings: Settings, redis_url: str, service: RouteService) -> Cele
         body = request if not unexpected else {"request": request, **unexpected}
         return service.handle(body, self.request.id)
 
+    def on_unknown_task(name: str = "", id: str = "", message: Any = None, **_: Any) -> None:
+        try:  # protocol 2 body: [args, kwargs, embed]
+            body = message.payload[1].get("request")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            body = None
+        if isinstance(id, str) and id:
+            service.reject_unknown_task(id, name, body)
+
+    signals.task_unknown.connect(on_unknown_task, weak=False)
     return app

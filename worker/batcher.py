@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +26,9 @@ from typing import Any
 from producer.contract import JobRequest, JobState
 from producer.store import Outcome
 
-from .runner import PipelineRunner, is_out_of_memory, shape_result
+from .lanes import LaneQueue
+from .media import media_length
+from .runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
 
 log = logging.getLogger("pipeq.batcher")
 
@@ -38,6 +41,9 @@ class BatchPolicy:
     max_wait_ms: float = 5.0
     #: Cap on (longest input length x batch size) in one call; 0 means no cap.
     max_batch_tokens: int = 0
+    #: Transient errors: retries of the same call, with exponential backoff and jitter.
+    max_retries: int = 3
+    retry_backoff_s: float = 0.5
 
 
 @dataclass(eq=False)
@@ -49,9 +55,18 @@ class JobInFlight:
     remaining: int = 0
     outcome: Outcome | None = None
     started: bool = False
+    #: When the job's first batch began (time.time()), for the run-time limit.
+    started_at: float = 0.0
+    #: Handed back unstarted at shutdown: its message is re-queued for another worker.
+    returned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    #: The inputs as the pipeline takes them: media envelopes decoded (worker/media.py);
+    #: by default the request's own inputs.
+    items: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.items:
+            self.items = list(self.request.inputs)
         self.outputs = [None] * len(self.request.inputs)
         self.remaining = len(self.request.inputs)
 
@@ -83,7 +98,13 @@ class Slot:
 
 
 def input_length(item: Any) -> int:
-    """A cheap proxy of an input's token count, for grouping inputs of similar length."""
+    """A cheap proxy of an input's token count, for grouping inputs of similar length.
+
+    Decoded media count samples (audio) or pixels (images), see ``media_length``.
+    """
+    media = media_length(item)
+    if media is not None:
+        return media
     if isinstance(item, str):
         return len(item)
     if isinstance(item, dict):
@@ -106,14 +127,21 @@ class MicroBatcher:
         self._start_jobs = start_jobs
         self._finish_jobs = finish_jobs
         self._observe = observe
-        self._queue: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+        # Interactive inputs before bulk chunks' (worker/lanes.py); bulk ones sorted by length.
+        self._queue: LaneQueue[Slot] = LaneQueue(plan_size=4 * policy.max_batch_size)
         self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
         self._stopping = threading.Event()
+        self._returning = threading.Event()
         self._last_batch_size = 0
 
     def start(self) -> None:
         """Start the batching thread."""
         self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop starting jobs: the batch in hand finishes; jobs not yet started are handed
+        back (``JobInFlight.returned``), so their messages go back to the queue."""
+        self._returning.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the batch in hand, then stop the thread."""
@@ -124,7 +152,7 @@ class MicroBatcher:
     def submit(self, job: JobInFlight) -> None:
         """Queue every input of ``job`` for batching; ``job.done`` is set when it ends."""
         key = json.dumps(job.request.params, sort_keys=True)
-        for index, item in enumerate(job.request.inputs):
+        for index, item in enumerate(job.items):
             self._queue.put(Slot(job, index, item, input_length(item), key))
 
     # the batching thread
@@ -178,6 +206,12 @@ class MicroBatcher:
 
     def _process(self, slots: list[Slot]) -> None:
         fresh = _unique(s.job for s in slots if not s.job.started)
+        if fresh and self._returning.is_set():
+            for job in fresh:  # shutting down: hand the message back rather than start it
+                job.returned = True
+                job.done.set()
+            slots = [s for s in slots if not s.job.returned]
+            fresh = []
         if fresh:
             self._start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
             for job in fresh:
@@ -198,20 +232,22 @@ class MicroBatcher:
         for slot in group:
             too_many = len(chunk) >= self.policy.max_batch_size
             over_budget = budget and chunk and slot.length * (len(chunk) + 1) > budget
-            if chunk and (too_many or over_budget):
+            # Pipelines whose results change with padding batch equal lengths only.
+            uneven = self.runner.equal_lengths_only and chunk and slot.length != chunk[0].length
+            if chunk and (too_many or over_budget or uneven):
                 yield chunk
                 chunk = []
             chunk.append(slot)
         if chunk:
             yield chunk
 
-    def _run(self, chunk: list[Slot]) -> None:
+    def _run(self, chunk: list[Slot], attempt: int = 0) -> None:
         params = chunk[0].job.request.params
         started = time.perf_counter()
         try:
             outputs = self.runner.run([s.item for s in chunk], params)
         except Exception as exc:
-            self._isolate(chunk, exc)
+            self._isolate(chunk, exc, attempt)
             return
         for slot, output in zip(chunk, outputs, strict=True):
             slot.job.outputs[slot.index] = output
@@ -220,7 +256,10 @@ class MicroBatcher:
             self._observe(len(chunk), time.perf_counter() - started,
                           sorted({s.job.job_id for s in chunk}))
 
-    def _isolate(self, chunk: list[Slot], exc: Exception) -> None:
+    def _isolate(self, chunk: list[Slot], exc: Exception, attempt: int = 0) -> None:
+        if is_transient(exc):
+            self._retry_transient(chunk, exc, attempt)
+            return
         oom = is_out_of_memory(exc)
         if oom:
             self.runner.free_memory()
@@ -240,6 +279,20 @@ class MicroBatcher:
             log.info("job %s input #%d failed: %s: %s", slot.job.job_id, slot.index,
                      type(exc).__name__, exc)
             slot.job.fail(JobState.FAILURE, type(exc).__name__, f"input #{slot.index}: {exc}")
+
+    def _retry_transient(self, chunk: list[Slot], exc: Exception, attempt: int) -> None:
+        """Retry a call that failed transiently, with backoff and jitter, then give up."""
+        if attempt >= self.policy.max_retries:
+            message = (f"{type(exc).__name__}: {exc} (gave up after {attempt + 1} attempts; "
+                       "the error is transient, submitting again may succeed)")
+            for slot in chunk:
+                slot.job.fail(JobState.FAILURE, type(exc).__name__, message, retryable=True)
+            return
+        delay = self.policy.retry_backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
+        log.info("transient %s on a batch of %d (attempt %d/%d); retrying in %.2fs",
+                 type(exc).__name__, len(chunk), attempt + 1, self.policy.max_retries + 1, delay)
+        time.sleep(delay)
+        self._run(chunk, attempt + 1)
 
     def _complete(self, jobs: list[JobInFlight]) -> None:
         finished = []

@@ -30,8 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float,
                         help="how long a batch waits to fill, under load")
     parser.add_argument("--max-batch-tokens", type=int, help="padded-length budget per call")
+    parser.add_argument("--allow-urls", action="store_true", default=None,
+                        help="fetch http(s) URLs given as image/audio inputs (off by default)")
+    parser.add_argument("--max-payload-bytes", type=int,
+                        help="largest image/audio payload per input (default "
+                             "PIPEQ_MAX_PAYLOAD_BYTES)")
     parser.add_argument("--concurrency", type=int, help="job threads (default 2x batch size)")
     parser.add_argument("--hostname", help="unique Celery hostname (default: derived)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on this port (off by default; with "
+                             "--gpus, GPU N's process uses PORT+N)")
     parser.add_argument("--gpu-slot", type=int, help=argparse.SUPPRESS)
 
 
@@ -53,7 +61,8 @@ def route_spec(args: argparse.Namespace, settings: Settings) -> RouteSpec:
     overrides = {
         "device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "max_batch_tokens": args.max_batch_tokens,
+        "max_batch_tokens": args.max_batch_tokens, "allow_urls": args.allow_urls,
+        "max_payload_bytes": args.max_payload_bytes,
     }
     merged = base.model_dump() | {k: v for k, v in overrides.items() if v is not None}
     return RouteSpec.model_validate(merged)
@@ -87,7 +96,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     hostname = args.hostname
     if args.gpu_slot is not None and not hostname:
         hostname = default_hostname(spec, f"gpu{args.gpu_slot}")
-    return serve(spec, settings, device, hostname=hostname, concurrency=args.concurrency)
+    metrics_port = args.metrics_port
+    if metrics_port and args.gpu_slot is not None:
+        metrics_port += args.gpu_slot  # one port per pinned process
+    return serve(spec, settings, device, hostname=hostname, concurrency=args.concurrency,
+                 metrics_port=metrics_port)
 
 
 def _strip(argv: list[str], options: set[str]) -> list[str]:

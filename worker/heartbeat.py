@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -20,12 +21,15 @@ class Heartbeat:
     """Refreshes this worker's entry in the registry on a daemon thread."""
 
     def __init__(self, registry: Registry, hostname: str, route: Route, device: str,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None,
+                 probe: Callable[[], dict[str, Any]] | None = None):
         self.registry = registry
         self.hostname = hostname
         self.route = route
         self.device = device
         self.extra = extra or {}
+        #: Called at each beat for fields that change (e.g. device memory in use).
+        self.probe = probe
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -49,10 +53,16 @@ class Heartbeat:
             log.warning("could not withdraw %s from the registry: %s", self.hostname, exc)
 
     def _beat(self) -> None:
+        extra = self.extra
+        if self.probe is not None:
+            try:
+                extra = {**extra, **self.probe()}
+            except Exception as exc:  # a failing probe must not stop the heartbeat
+                log.warning("heartbeat probe failed: %s", exc)
         self.registry.announce(WorkerInfo(
             hostname=self.hostname, route=self.route, device=self.device, ready=self.ready,
             pid=os.getpid(), started_at=self.started_at, last_beat=time.time(),
-            extra=self.extra,
+            extra=extra,
         ))
 
     def _run(self) -> None:

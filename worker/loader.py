@@ -85,4 +85,6 @@ def warmup_call(pipe: Any) -> tuple[list[Any], dict[str, Any]] | None:
         return ["warm-up"], {"candidate_labels": ["a", "b"]}
     if task in ("feature-extraction", "text-classification", "token-classification"):
         return ["Hello, world", "A longer warm-up sentence for the model"], {}
-    return None
+    from .media import media_warmup_call  # image and audio routes
+
+    return media_warmup_call(pipe)

@@ -6,24 +6,35 @@ import logging
 import os
 import socket
 import time
+import warnings
 from typing import Any
 
 import redis
 from celery import signals
+from celery.utils.deprecated import CPendingDeprecationWarning
 
 from producer.config import RouteSpec, Settings, mask_url
+from producer.deadletters import DeadLetters
 from producer.registry import Registry
-from producer.store import JobStore
 
 from .app import build_app
 from .batcher import BatchPolicy, MicroBatcher
+from .consumer import consumer_class
+from .faults import FaultInjector
 from .heartbeat import Heartbeat
+from .leases import LeaseKeeper
 from .loader import ModelLoadError, load_pipeline, warmup_call
+from .media import MediaPolicy
+from .metrics import InstrumentedJobStore, WorkerMetrics
 from .runner import PipelineRunner
 from .service import RouteService
 
 log = logging.getLogger("pipeq.worker")
+#: The ready line is a contract (tests, the demo and operators wait for it): always logged.
+ready_log = logging.getLogger("pipeq.ready")
+ready_log.setLevel(logging.INFO)
 
+EXIT_USAGE = 2
 EXIT_LOAD_FAILED = 3
 EXIT_DEVICE = 4
 
@@ -48,8 +59,11 @@ def check_device(device: str) -> None:
 
 
 def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | None = None,
-          concurrency: int | None = None) -> int:
-    """Load the route's pipeline on ``device`` and serve its queue; returns an exit code."""
+          concurrency: int | None = None, metrics_port: int | None = None) -> int:
+    """Load the route's pipeline on ``device`` and serve its queue; returns an exit code.
+
+    ``metrics_port``: also serve this process's Prometheus metrics there (worker.metrics).
+    """
     redis_url = settings.redis_url_value()
     log.info("pipeq worker for %s on %s, Redis at %s", spec.route.describe(), device,
              mask_url(redis_url))
@@ -61,43 +75,80 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     except ModelLoadError as exc:
         log.error("worker not started: %s", exc)
         return EXIT_LOAD_FAILED
+    if settings.faults:  # after warm-up: injected faults are for jobs only
+        log.warning("FAULT INJECTION ACTIVE: %s", settings.faults)
+        runner.faults = FaultInjector(settings.faults)
     hostname = hostname or default_hostname(spec, device)
     client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10,
                                   health_check_interval=10)
-    store = JobStore(client, settings.keys, settings.result_ttl_s)
-    service = RouteService(spec.route, settings, store, hostname)
-    policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens)
-    batcher = MicroBatcher(runner, policy, service.start_jobs, service.finish_jobs,
-                           observe=_log_batch(spec))
+    metrics = WorkerMetrics(spec.route, spec.max_batch_size, device, client, settings.keys,
+                            flush_s=settings.heartbeat_s)
+    extra: dict[str, Any] = {}
+    if metrics_port is not None:
+        try:
+            extra["metrics_port"] = metrics.serve_http(metrics_port)
+        except OSError as exc:
+            log.error("worker not started: cannot serve metrics on port %d: %s", metrics_port,
+                      exc)
+            return EXIT_USAGE
+        log.info("metrics at http://0.0.0.0:%d/metrics", extra["metrics_port"])
+    store = InstrumentedJobStore(client, settings.keys, settings.result_ttl_s, metrics)
+    media = MediaPolicy(spec.allow_urls, spec.max_payload_bytes or settings.max_payload_bytes)
+    service = RouteService(spec.route, settings, store, hostname, media=media)
+    service.run_timeout_s = spec.timeout_s
+    policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
+                         settings.max_retries, settings.retry_backoff_s)
+    batcher = MicroBatcher(runner, policy, metrics.wrap_start_jobs(service.start_jobs),
+                           service.finish_jobs, observe=metrics.on_batch)
     service.attach(batcher)
     heartbeat = Heartbeat(
         Registry(client, settings.keys, settings.heartbeat_s), hostname, spec.route, device,
         extra={"queue": settings.keys.queue(spec.route), "max_batch_size": spec.max_batch_size,
-               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
+               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+               "host": socket.gethostname(), **extra},
+        probe=metrics.heartbeat_fields,
     )
     app = build_app(settings, redis_url, service)
     threads = concurrency or min(max(2 * spec.max_batch_size, 4), 256)
 
     def on_ready(sender: Any = None, **_: Any) -> None:
         heartbeat.mark_ready()
-        log.info("pipeq worker ready: %s on %s, queue %s, batch <= %d inputs / %g ms, "
+        metrics.mark_ready()
+        ready_log.info("pipeq worker ready: %s on %s, queue %s, batch <= %d inputs / %g ms, "
                  "%d threads, hostname %s", spec.route.describe(), device,
                  settings.keys.queue(spec.route), spec.max_batch_size, spec.max_wait_ms,
                  threads, hostname)
 
+    def on_shutdown(sender: Any = None, **_: Any) -> None:
+        # Warm shutdown: the batch in hand finishes, unstarted jobs go back to the queue.
+        log.info("worker %s shutting down: finishing the batch in hand", hostname)
+        heartbeat.stop()
+        batcher.begin_shutdown()
+
     signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    # Celery warns about a default it will change in 6.0; pipeq sets it explicitly.
+    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning)
+    leases = LeaseKeeper(client, settings.keys, settings.visibility_timeout_s)
     batcher.start()
+    metrics.start()
     heartbeat.start()
+    leases.start()
     worker = app.Worker(
         hostname=hostname, pool="threads", concurrency=threads,
-        queues=[settings.keys.queue(spec.route)], loglevel=settings.log_level,
+        # Both lanes of the route; kombu polls them round-robin (see worker/lanes.py).
+        queues=[settings.keys.queue(spec.route), settings.keys.bulk_queue(spec.route)],
+        loglevel=settings.log_level,
         without_mingle=True, without_gossip=True, optimization="fair", quiet=True,
+        consumer_cls=consumer_class(DeadLetters(client, settings.keys)),
     )
     try:
         worker.start()
     finally:
         heartbeat.stop()
+        leases.stop()
         batcher.stop()
+        metrics.stop()
         log.info("pipeq worker %s stopped", hostname)
     return int(worker.exitcode or 0)
 
@@ -114,11 +165,3 @@ def warm_up(runner: PipelineRunner) -> None:
     except Exception as exc:
         raise ModelLoadError(f"warm-up call failed: {type(exc).__name__}: {exc}") from exc
     log.info("warm-up done in %.2fs", time.perf_counter() - started)
-
-
-def _log_batch(spec: RouteSpec) -> Any:
-    def observe(size: int, seconds: float, job_ids: list[str]) -> None:
-        log.debug("batch route=%s size=%d seconds=%.4f jobs=%d", spec.route.id, size, seconds,
-                  len(job_ids))
-
-    return observe

@@ -14,11 +14,19 @@ from typing import Any
 
 import torch
 
+from .faults import FaultInjector
 from .wire import to_wire
 
 
 class BatchSizeMismatch(RuntimeError):
     """Raised when a pipeline call returns a different number of outputs than inputs."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that may pass if the same call is tried again (network, timeouts)."""
+    from producer.errors import RetryableError
+
+    return isinstance(exc, ConnectionError | TimeoutError | RetryableError)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -31,13 +39,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class PipelineRunner:
     """Runs batches of one route's inputs through its loaded pipeline."""
 
-    def __init__(self, pipe: Any):
+    def __init__(self, pipe: Any, faults: FaultInjector | None = None):
         self.pipe = pipe
+        self.faults = faults
         self.task: str = pipe.task
         self.device = str(getattr(pipe, "device", "cpu"))
+        #: CTC speech recognition decodes the logits of padding too (transformers does not
+        #: trim them), so its batches hold inputs of equal length only (see MicroBatcher).
+        self.equal_lengths_only = (self.task == "automatic-speech-recognition"
+                                   and getattr(pipe, "type", None) in ("ctc", "ctc_with_lm"))
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         """Outputs (wire values) for ``items``, in order, from a single pipeline call."""
+        if self.faults is not None:
+            self.faults.before_call(items)
         call = dict(params)
         as_list = True
         if self.task == "feature-extraction":
@@ -46,7 +61,10 @@ class PipelineRunner:
             call["return_tensors"] = True
         lengths: list[int] = []
         with torch.inference_mode(), self._token_lengths(lengths):
-            outputs = self.pipe(list(items), batch_size=len(items), **call)
+            # Shallow copies: audio pipelines pop keys from dict inputs, and a batch that
+            # fails is retried in halves with the same items.
+            batch = [dict(i) if isinstance(i, dict) else i for i in items]
+            outputs = self.pipe(batch, batch_size=len(items), **call)
         if self.task == "feature-extraction":
             outputs = [self._unpad(o, n) for o, n in zip(outputs, lengths, strict=True)]
         if len(items) == 1 and self.task == "fill-mask":

@@ -14,15 +14,19 @@ from typing import Any
 
 import pydantic
 import redis
+from celery.exceptions import Reject
 
 from producer.config import Settings
 from producer.contract import JobRequest, JobState, Route
+from producer.deadletters import DeadLetters
 from producer.errors import ValidationError
+from producer.media import media_kind
 from producer.params import validate_params
 from producer.store import JobStore, Outcome
 from producer.validation import validate_inputs
 
 from .batcher import JobInFlight, MicroBatcher
+from .media import MediaPolicy, MediaResolver
 
 log = logging.getLogger("pipeq.worker")
 
@@ -33,12 +37,21 @@ DEADLINE_GRACE_S = 1.0
 class RouteService:
     """Validates, batches and records the jobs of one route in one worker process."""
 
-    def __init__(self, route: Route, settings: Settings, store: JobStore, hostname: str):
+    def __init__(self, route: Route, settings: Settings, store: JobStore, hostname: str,
+                 media: MediaPolicy | None = None):
         self.route = route
         self.settings = settings
         self.store = store
         self.hostname = hostname
         self.batcher: MicroBatcher | None = None
+        #: The route's run-time limit (RouteSpec.timeout_s), enforced per job.
+        self.run_timeout_s: float | None = None
+        self.dead_letters = DeadLetters(store.client, settings.keys)
+        # Image and audio routes decode media envelopes before batching (worker/media.py).
+        self.media: MediaResolver | None = None
+        if media_kind(route.task) is not None:
+            policy = media or MediaPolicy(max_payload_bytes=settings.max_payload_bytes)
+            self.media = MediaResolver(store.client, settings.keys, policy)
 
     def attach(self, batcher: MicroBatcher) -> None:
         """Use ``batcher`` for this route's jobs."""
@@ -50,21 +63,37 @@ class RouteService:
         assert self.batcher is not None, "attach() a batcher before handling jobs"
         try:
             request = self.parse(body, task_id)
+            items = self._resolve_media(request)
         except ValidationError as exc:
-            log.info("job %s rejected: %s", task_id, exc)
-            reply = body.get("reply_to") if isinstance(body, dict) else None
-            self.store.finish([Outcome(task_id, JobState.FAILURE, {
-                "type": "ValidationError", "message": str(exc), "retryable": False},
-                reply if isinstance(reply, str) else None)])
+            self.reject(task_id, str(exc), body)
             return {"state": JobState.FAILURE.value, "error": "ValidationError"}
-        job = JobInFlight(request)
+        job = JobInFlight(request, items=items)
         self.batcher.submit(job)
-        wait = None if request.deadline is None else request.deadline - time.time()
-        if not job.done.wait(None if wait is None else max(wait, 0) + DEADLINE_GRACE_S):
-            self._time_out(job)
+        self._wait(job)
+        if job.returned:  # the worker is stopping: give the message back to the queue
+            raise Reject("worker shutting down before the job started", requeue=True)
+        self._release_media(request)
         outcome = job.outcome
         return {"state": outcome.state.value if outcome else "UNKNOWN",
                 "inputs": len(request.inputs)}
+
+    def reject(self, job_id: str, reason: str, body: Any) -> None:
+        """Fail a job whose message cannot be run here, with the reason (a ValidationError)."""
+        log.info("job %s rejected: %s", job_id, reason)
+        reply = body.get("reply_to") if isinstance(body, dict) else None
+        self.store.finish([Outcome(job_id, JobState.FAILURE, {
+            "type": "ValidationError", "message": reason, "retryable": False},
+            reply if isinstance(reply, str) else None)])
+
+    # called by Celery's consumer thread (task_unknown signal)
+    def reject_unknown_task(self, job_id: str, task_name: str, body: Any) -> None:
+        """Fail a job whose message names a task (a route) this worker does not serve.
+
+        Celery discards such a message; without a record its caller would wait forever.
+        """
+        served = self.settings.keys.task_name(self.route)
+        self.reject(job_id, f"no route {task_name!r} on this queue: its worker serves "
+                    f"{self.route.describe()} as {served!r}", body)
 
     def parse(self, body: Any, task_id: str) -> JobRequest:
         """Validate a message body as this route's JobRequest (ValidationError if not)."""
@@ -84,11 +113,48 @@ class RouteService:
                 f"{self.route.describe()}"
             )
         validate_inputs(self.route.task, request.inputs, max_chars=self.settings.max_input_chars,
-                        max_items=self.settings.max_inputs_per_job)
+                        max_items=self.settings.max_inputs_per_job,
+                        max_payload_bytes=self.media.policy.max_payload_bytes if self.media
+                        else None)
         params = validate_params(self.route.task, request.params)
         if params != request.params:
             raise ValidationError("call parameters carry null values; omit them instead")
         return request
+
+    def _resolve_media(self, request: JobRequest) -> list[Any]:
+        """Decoded media inputs ([] for routes without media); ValidationError if bad."""
+        if self.media is None:
+            return []
+        media = self.media
+        try:
+            items: list[Any] = self._with_retry(lambda: media.resolve(request))
+        except ValidationError:
+            self._release_media(request)
+            raise
+        return items
+
+    def _release_media(self, request: JobRequest) -> None:
+        """Delete the job's claim-checked payloads now that it has ended."""
+        if self.media is not None:
+            media = self.media
+            self._with_retry(lambda: media.release(request))
+
+    def _wait(self, job: JobInFlight) -> None:
+        """Wait for the job, enforcing its deadline and the route's run-time limit.
+
+        Enforced here rather than by Celery: time limits work only on prefork pools, and
+        pipeq runs a threads pool. A job past its limit fails; the batch it is in finishes,
+        but its result is discarded (the first final record wins).
+        """
+        deadline = job.request.deadline
+        while not job.done.wait(0.25):
+            now = time.time()
+            over_deadline = deadline is not None and now > deadline + DEADLINE_GRACE_S
+            over_run = (self.run_timeout_s is not None and job.started_at
+                        and now - job.started_at > self.run_timeout_s)
+            if over_deadline or over_run:
+                self._time_out(job)
+                return
 
     def _time_out(self, job: JobInFlight) -> None:
         state, kind = (JobState.FAILURE, "JobTimeout") if job.started else (
@@ -112,10 +178,10 @@ class RouteService:
             else:
                 runnable.append(job)
         before = self._with_retry(
-            lambda: self.store.start([j.job_id for j in runnable], self.hostname)
+            lambda: self.store.start_counted([j.job_id for j in runnable], self.hostname)
         )
         for job in runnable:
-            state = before.get(job.job_id, JobState.PENDING)
+            state, starts = before.get(job.job_id, (JobState.PENDING, 1))
             if state == JobState.CANCELLED:
                 # Already recorded: no outcome to store, just let the task return.
                 job.outcome = Outcome(job.job_id, JobState.CANCELLED, None)
@@ -123,6 +189,20 @@ class RouteService:
             elif state.is_final:
                 job.outcome = Outcome(job.job_id, state, None)  # a re-delivered finished job
                 job.done.set()
+            elif starts > self.settings.max_deliveries:
+                self._poison(job, starts)
+            else:
+                job.started_at = now
+
+    def _poison(self, job: JobInFlight, starts: int) -> None:
+        reason = (f"started {starts - 1} times without finishing (each time its worker died); "
+                  f"over the limit of {self.settings.max_deliveries} (PIPEQ_MAX_DELIVERIES)")
+        log.warning("job %s is a poison message: %s", job.job_id, reason)
+        job.fail(JobState.FAILURE, "PoisonMessage",
+                 reason + "; kept in the dead-letter list (`pipeq dead`)")
+        self._with_retry(lambda: self.dead_letters.add(
+            reason, queue=self.settings.keys.queue(self.route), job_id=job.job_id,
+            request=job.request.model_dump(mode="json")))
 
     def finish_jobs(self, jobs: list[JobInFlight]) -> None:
         """Store the final records of a batch's finished jobs in one round trip."""

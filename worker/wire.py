@@ -1,7 +1,8 @@
 """Turning pipeline outputs into wire values (``producer.codec``) without losing anything.
 
 Tensors and arrays become :class:`ArrayPayload` (raw bytes, decoded by the producer into
-the same nested lists ``tolist()`` gives); numpy scalars become Python scalars.
+the same nested lists ``tolist()`` gives); numpy scalars become Python scalars; PIL images
+(segmentation masks, depth maps) become :class:`ImagePayload` (lossless PNG/TIFF bytes).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from producer.codec import ArrayPayload
+from producer.codec import ArrayPayload, ImagePayload
+from producer.media import encode_pil_image
 
 
 def array_payload(value: torch.Tensor | np.ndarray, *, as_list: bool = True) -> ArrayPayload:
@@ -23,10 +26,11 @@ def array_payload(value: torch.Tensor | np.ndarray, *, as_list: bool = True) -> 
         array = tensor.cpu().numpy()
     else:
         array = value
+    shape = tuple(array.shape)  # taken first: ascontiguousarray turns a 0-d array into 1-d
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return ArrayPayload(str(array.dtype), tuple(array.shape), array.tobytes(), as_list)
+    return ArrayPayload(str(array.dtype), shape, array.tobytes(), as_list)
 
 
 def to_wire(value: Any, *, tensors_as_list: bool = True) -> Any:
@@ -41,4 +45,6 @@ def to_wire(value: Any, *, tensors_as_list: bool = True) -> Any:
         return array_payload(value, as_list=tensors_as_list)
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, Image.Image):
+        return ImagePayload(encode_pil_image(value)[0])
     raise TypeError(f"pipeline returned a {type(value).__name__}, which pipeq cannot carry yet")

@@ -1,0 +1,162 @@
+"""The ``pipeq`` command against a real Redis and a real worker: what a shell user sees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from compare import assert_same
+from conftest import ROOT, Deployment
+from tiny_models import build_text_model
+
+from producer.contract import Route
+
+TASK = "text-classification"
+DOWN_MODEL = "pipeq-tests/configured-but-down"
+
+
+@pytest.fixture(scope="module")
+def model(module_deployment: Deployment, models_dir: Path) -> str:
+    """A served tiny text-classification model (one worker for the module)."""
+    path = str(build_text_model(TASK, models_dir))
+    module_deployment.start_worker(TASK, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(model: str) -> Any:
+    """The local truth: transformers.pipeline() on the same model."""
+    return transformers.pipeline(TASK, model=model)
+
+
+@pytest.fixture
+def routes_file(module_deployment: Deployment) -> Iterator[Path]:
+    """The deployment's routing table; removed after the test."""
+    path = module_deployment.workdir / "routes.toml"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def run(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    """``pipeq ARGS`` on this deployment."""
+    return dep.cli(*args, timeout=90)
+
+
+def test_submit_wait_prints_the_result(module_deployment: Deployment, model: str,
+                                       local: Any) -> None:
+    done = run(module_deployment, "submit", "--task", TASK, "--model", model, "--wait",
+               "--param", "top_k=2", "I love it")
+    assert done.returncode == 0, done.stderr
+    assert_same(json.loads(done.stdout), local("I love it", top_k=2))
+
+
+def test_submit_several_inputs_is_a_list_call(module_deployment: Deployment, model: str,
+                                              local: Any) -> None:
+    done = run(module_deployment, "submit", "--task", "sentiment-analysis", "--model", model,
+               "--wait", "good", "bad")
+    assert done.returncode == 0, done.stderr
+    assert_same(json.loads(done.stdout), local(["good", "bad"]))
+
+
+def test_submit_then_result_wait(module_deployment: Deployment, model: str, local: Any) -> None:
+    submitted = run(module_deployment, "submit", "--task", TASK, "--model", model, "hello")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert len(job_id) == 32 and job_id.isalnum(), submitted.stdout
+    done = run(module_deployment, "result", job_id, "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert_same(json.loads(done.stdout), local("hello"))
+    again = run(module_deployment, "result", job_id)  # ended: no --wait needed
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(done.stdout)
+
+
+def test_submit_without_worker_exits_3_and_says_how_to_start_one(
+        module_deployment: Deployment) -> None:
+    done = run(module_deployment, "submit", "--task", TASK, "--model", DOWN_MODEL, "hi")
+    assert done.returncode == 3
+    assert f"pipeq worker --task {TASK} --model {DOWN_MODEL}" in done.stderr
+    assert done.stdout == ""
+
+
+def test_submit_with_a_bad_parameter_exits_2(module_deployment: Deployment, model: str) -> None:
+    done = run(module_deployment, "submit", "--task", TASK, "--model", model,
+               "--param", "top_k=many", "hi")
+    assert done.returncode == 2
+    assert "parameter 'top_k'" in done.stderr
+
+
+def test_cancel_a_pending_job(module_deployment: Deployment) -> None:
+    submitted = run(module_deployment, "submit", "--task", TASK, "--model", DOWN_MODEL,
+                    "--no-require-worker", "never runs")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    pending = run(module_deployment, "result", job_id)
+    assert pending.returncode == 4 and f"job {job_id} is PENDING" in pending.stderr
+    cancelled = run(module_deployment, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"job {job_id} cancelled"
+    result = run(module_deployment, "result", job_id)
+    assert result.returncode == 1
+    assert "JobCancelled" in result.stderr and "cancelled" in result.stderr
+    twice = run(module_deployment, "cancel", job_id)
+    assert twice.returncode == 0 and "already started or ended" in twice.stdout
+
+
+def test_status_with_a_live_worker_exits_0(module_deployment: Deployment, model: str,
+                                           routes_file: Path) -> None:
+    routes_file.write_text(f'[[route]]\ntask = "{TASK}"\nmodel = "{model}"\n')
+    done = run(module_deployment, "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if f"{TASK}:{model}" in ln)
+    assert line.startswith("[ok ") and "workers=1" in line
+    as_json = run(module_deployment, "status", "--json")
+    assert as_json.returncode == 0
+    (route,) = [r for r in json.loads(as_json.stdout) if r["route"] == f"{TASK}:{model}"]
+    assert route["healthy"] is True and route["configured"] is True
+    assert route["route_id"] == Route(task=TASK, model=model).id
+    assert len(route["workers"]) == 1 and route["workers"][0]["ready"] is True
+
+
+def test_status_exits_3_for_a_configured_route_without_worker(
+        module_deployment: Deployment, model: str, routes_file: Path) -> None:
+    routes_file.write_text(f'[[route]]\ntask = "{TASK}"\nmodel = "{model}"\n\n'
+                           f'[[route]]\ntask = "{TASK}"\nmodel = "{DOWN_MODEL}"\n')
+    done = run(module_deployment, "status")
+    assert done.returncode == 3, done.stdout + done.stderr
+    down = next(ln for ln in done.stdout.splitlines() if DOWN_MODEL in ln)
+    assert down.startswith("[DOWN]") and "workers=0" in down
+    up = next(ln for ln in done.stdout.splitlines() if f"{TASK}:{model} " in ln)
+    assert up.startswith("[ok ")
+    # Asking about the live route alone is healthy.
+    only = run(module_deployment, "status", "--task", TASK, "--model", model)
+    assert only.returncode == 0, only.stdout + only.stderr
+
+
+def test_config_masks_the_redis_password(module_deployment: Deployment) -> None:
+    secret = "cli-s3cret-pw"
+    env = module_deployment.env(PIPEQ_REDIS_URL=f"redis://:{secret}@redis.internal:6379/2")
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "config"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout + done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["redis_url"] == "redis://:****@redis.internal:6379/2"
+    assert shown["queue_prefix"] == module_deployment.prefix
+
+
+def test_worker_with_gpus_on_a_machine_without_them_exits_2(
+        module_deployment: Deployment) -> None:
+    from worker.devices import visible_gpu_ids
+
+    missing = max(visible_gpu_ids(), default=-1) + 1  # GPU 0 on a machine without GPUs
+    done = run(module_deployment, "worker", "--task", TASK, "--model", DOWN_MODEL,
+               "--gpus", str(missing))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"--gpus {missing}: GPU {missing} not found on this machine" in done.stderr
+    assert "use --device cpu" in done.stderr

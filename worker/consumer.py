@@ -1,0 +1,51 @@
+"""Celery's consumer, with dead letters instead of silent drops.
+
+Celery acknowledges (deletes) a message it cannot decode and rejects (deletes) one that is
+not a task: on Redis both vanish. pipeq's consumer first keeps such a message in the
+dead-letter list with the reason, then lets Celery drop it; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer
+
+from producer.deadletters import DeadLetters
+
+log = logging.getLogger("pipeq.consumer")
+
+
+def consumer_class(dead_letters: DeadLetters) -> type[Consumer]:
+    """A Consumer class that records undecodable and unknown messages in ``dead_letters``."""
+
+    class PipeqConsumer(Consumer):
+        """Celery's consumer, keeping poison messages as dead letters."""
+
+        def on_decode_error(self, message: Any, exc: Exception) -> None:
+            self._keep(message, f"message cannot be decoded ({message.content_type}): {exc}")
+            super().on_decode_error(message, exc)
+
+        def on_unknown_message(self, body: Any, message: Any) -> None:
+            self._keep(message, "not a task message (no task name in its headers)")
+            super().on_unknown_message(body, message)
+
+        def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+            self._keep(message, f"invalid task message: {exc}")
+            super().on_invalid_task(body, message, exc)
+
+        def _keep(self, message: Any, reason: str) -> None:
+            try:
+                headers = getattr(message, "headers", None) or {}
+                info = getattr(message, "delivery_info", None) or {}
+                entry = dead_letters.add(
+                    reason, queue=info.get("routing_key"), job_id=headers.get("id"),
+                    raw=message.body if isinstance(message.body, bytes)
+                    else str(message.body).encode(),
+                )
+                log.warning("dead letter %s: %s", entry.id, reason)
+            except Exception:  # never let bookkeeping stop the consumer
+                log.exception("could not record a dead letter (%s)", reason)
+
+    return PipeqConsumer
