@@ -27,7 +27,6 @@ from .errors import (
     JobCancelled,
     JobExpired,
     JobFailed,
-    JobNotFound,
     JobTimeout,
     NoWorkerError,
     ValidationError,
@@ -170,7 +169,7 @@ class Job:
         Raises JobTimeout if it has not ended within ``timeout`` seconds (default: the
         settings' ``default_timeout_s``); the job itself goes on and can be waited for again.
         """
-        wait = self.client.settings.default_timeout_s if timeout is None else timeout
+        wait = _wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
         record = self.client.call_redis(lambda: self.client.store.get(self.id))
         if record is not None and record.state.is_final:
@@ -186,7 +185,7 @@ class Job:
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """The result, awaited without blocking the event loop."""
-        wait = self.client.settings.default_timeout_s if timeout is None else timeout
+        wait = _wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
         record = await asyncio.to_thread(self.client.call_redis,
                                          lambda: self.client.store.get(self.id))
@@ -212,6 +211,14 @@ class Job:
         if record is not None:
             self.client.waiter.resolve(record)
         return before == JobState.PENDING
+
+
+def _wait_seconds(default: float, timeout: float | None) -> float | None:
+    """A caller's wait: the default if None given; math.inf means no limit (None)."""
+    wait = default if timeout is None else timeout
+    if wait != wait or wait < 0:
+        raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    return None if wait == math.inf else wait
 
 
 def outcome(record: JobRecord) -> Any:
@@ -393,10 +400,12 @@ def _first_line(exc: Exception) -> str:
 
 
 def get_job(job_id: str, settings: Settings | None = None) -> Job:
-    """A handle on any job by id (e.g. from another process); JobNotFound if none exists."""
-    client = Client.for_settings(settings)
-    job = Job(client, job_id)
-    return job
+    """A handle on any job by id (e.g. from another process).
+
+    A job no worker has touched yet, and an id nobody submitted, both read PENDING: Redis
+    holds no record of a queued job until a worker starts it.
+    """
+    return Job(Client.for_settings(settings), job_id)
 
 
-__all__ = ["Client", "Job", "JobNotFound", "RemotePipeline", "get_job", "pipeline"]
+__all__ = ["Client", "Job", "RemotePipeline", "get_job", "pipeline"]

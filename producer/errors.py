@@ -67,7 +67,3 @@ class JobExpired(JobFailed):
 
     def __init__(self, job_id: str, message: str = "the job's deadline passed while queued"):
         super().__init__(job_id, "JobExpired", message)
-
-
-class JobNotFound(PipeqError, KeyError):
-    """Raised when no job with that id is known (never submitted, or its result expired)."""

@@ -1,7 +1,7 @@
 """The pipeline task names pipeq serves, known without importing transformers.
 
 The producer must validate task names but may not import transformers (it stays light),
-so the list lives here. ``tests/unit/test_tasks.py`` checks it against
+so the list lives here. ``tests/unit/test_supported_tasks.py`` checks it against
 ``transformers.pipelines.get_supported_tasks()`` of the version the worker extra pins.
 """
 

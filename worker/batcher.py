@@ -28,9 +28,13 @@ from producer.store import Outcome
 
 from .lanes import LaneQueue
 from .media import media_length
+from .planning import plan_calls
 from .runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
 
 log = logging.getLogger("pipeq.batcher")
+
+#: How many calls' worth of inputs (x max_batch_size) one gather may collect under load.
+GATHER_CALLS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,9 @@ class BatchPolicy:
     max_wait_ms: float = 5.0
     #: Cap on (longest input length x batch size) in one call; 0 means no cap.
     max_batch_tokens: int = 0
+    #: Cost of one pipeline call in input-length units, measured at warm-up; None: unknown
+    #: (calls are filled up to max_batch_size). Decides how uneven batches are split.
+    call_overhead: float | None = None
     #: Transient errors: retries of the same call, with exponential backoff and jitter.
     max_retries: int = 3
     retry_backoff_s: float = 0.5
@@ -171,7 +178,8 @@ class MicroBatcher:
         if first is None:
             return []
         slots = [first]
-        limit = self.policy.max_batch_size
+        # Gather a few calls' worth: sorting more inputs by length leaves less padding.
+        limit = self.policy.max_batch_size * GATHER_CALLS
         self._drain(slots, limit)
         # Wait for more only under load: a lone request (the last batch had one input) runs
         # at once, so light traffic pays no batching delay.
@@ -224,22 +232,20 @@ class MicroBatcher:
             group.sort(key=lambda s: s.length)
             for chunk in self._chunks(group):
                 self._run(chunk)
+                # Jobs whose inputs are all done end now, not after the whole gather.
+                self._complete(_unique(s.job for s in chunk))
         self._complete(_unique(s.job for s in slots))
 
     def _chunks(self, group: list[Slot]) -> Iterable[list[Slot]]:
-        budget = self.policy.max_batch_tokens
-        chunk: list[Slot] = []
-        for slot in group:
-            too_many = len(chunk) >= self.policy.max_batch_size
-            over_budget = budget and chunk and slot.length * (len(chunk) + 1) > budget
+        """Split a length-sorted group into the cheapest calls (worker/planning.py)."""
+        ranges = plan_calls(
+            [s.length for s in group], max_size=self.policy.max_batch_size,
+            overhead=self.policy.call_overhead, token_budget=self.policy.max_batch_tokens,
             # Pipelines whose results change with padding batch equal lengths only.
-            uneven = self.runner.equal_lengths_only and chunk and slot.length != chunk[0].length
-            if chunk and (too_many or over_budget or uneven):
-                yield chunk
-                chunk = []
-            chunk.append(slot)
-        if chunk:
-            yield chunk
+            equal_only=self.runner.equal_lengths_only,
+        )
+        for start, end in ranges:
+            yield group[start:end]
 
     def _run(self, chunk: list[Slot], attempt: int = 0) -> None:
         params = chunk[0].job.request.params

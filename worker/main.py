@@ -26,6 +26,7 @@ from .leases import LeaseKeeper
 from .loader import ModelLoadError, load_pipeline, warmup_call
 from .media import MediaPolicy
 from .metrics import InstrumentedJobStore, WorkerMetrics
+from .planning import calibrate_overhead
 from .runner import PipelineRunner
 from .service import RouteService
 
@@ -97,7 +98,8 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     service = RouteService(spec.route, settings, store, hostname, media=media)
     service.run_timeout_s = spec.timeout_s
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
-                         settings.max_retries, settings.retry_backoff_s)
+                         measure_call_overhead(runner), settings.max_retries,
+                         settings.retry_backoff_s)
     batcher = MicroBatcher(runner, policy, metrics.wrap_start_jobs(service.start_jobs),
                            service.finish_jobs, observe=metrics.on_batch)
     service.attach(batcher)
@@ -151,6 +153,23 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
         metrics.stop()
         log.info("pipeq worker %s stopped", hostname)
     return int(worker.exitcode or 0)
+
+
+def measure_call_overhead(runner: PipelineRunner) -> float | None:
+    """The route's per-call overhead in characters of input (see worker/planning.py)."""
+    call = warmup_call(runner.pipe)
+    if call is None or not isinstance(call[0][0], str) or runner.faults is not None:
+        return None
+    sample, params = call[0][0], call[1]
+    try:
+        overhead = calibrate_overhead(lambda items: runner.run(items, params), sample,
+                                      sample + " and a few more words to make it long" * 5)
+    except Exception as exc:  # calibration is an optimisation: never fatal
+        log.warning("could not measure the per-call overhead (%s); batches stay whole", exc)
+        return None
+    log.info("per-call overhead: %s characters of input",
+             "unknown" if overhead is None else f"{overhead:.0f}")
+    return overhead
 
 
 def warm_up(runner: PipelineRunner) -> None:

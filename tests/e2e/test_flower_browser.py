@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,18 @@ def rendered_text(site: FlowerSite, path: str, tmp_path: Path) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
 
 
+def render_until(site: FlowerSite, path: str, tmp_path: Path, done: Callable[[str], bool],
+                 tries: int = 8) -> str:
+    """Render ``path`` until ``done(text)`` (a busy machine may need another look)."""
+    text = ""
+    for _ in range(tries):
+        text = rendered_text(site, path, tmp_path)
+        if done(text):
+            break
+        time.sleep(1)
+    return text
+
+
 def test_pipeq_flower_refuses_to_start_without_credentials(module_deployment: Deployment
                                                            ) -> None:
     result = module_deployment.cli("flower", "--port", str(free_port()))
@@ -166,16 +178,14 @@ def test_dashboard_shows_the_worker_online_and_our_route_s_finished_job(
     assert tasks[job.id]["name"] == task_name and tasks[job.id]["state"] == "SUCCESS"
     assert tasks[job.id]["worker"] == hostname
 
-    online = hostname + "Online"  # compared without spaces: the page breaks long names
-    workers_page = ""
-    for _ in range(10):  # "Online" once the worker's heartbeat event has arrived
-        workers_page = rendered_text(flower, "/workers", tmp_path)
-        if online in workers_page.replace(" ", ""):
-            break
-        time.sleep(1)
+    # "Online" once the worker's heartbeat event has arrived; compared without spaces, as
+    # the page breaks long worker names.
+    online = hostname + "Online"
+    workers_page = render_until(flower, "/workers", tmp_path,
+                                lambda text: online in text.replace(" ", ""))
     assert online in workers_page.replace(" ", ""), workers_page[:2000]
 
-    tasks_page = rendered_text(flower, "/tasks", tmp_path)
+    tasks_page = render_until(flower, "/tasks", tmp_path, lambda text: job.id in text)
     assert job.id in tasks_page, tasks_page[:2000]
     at = tasks_page.index(job.id)
     row = tasks_page[at - 200: at + 200].replace(" ", "")

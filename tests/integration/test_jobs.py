@@ -345,10 +345,10 @@ def test_two_routes_do_not_steal_each_other_jobs(module_deployment: Deployment,
     host_a = hostname_of(route_a)
     host_b = hostname_of(route_b)
     assert host_a != host_b
-    jobs = [(r, r.remote.submit(text)) for text in TEXTS[:10] for r in (route_a, route_b)]
+    jobs = [(r, text, r.remote.submit(text)) for text in TEXTS[:10] for r in (route_a, route_b)]
     records = store(module_deployment)
-    for route, job in jobs:
-        assert_same(job.result(timeout=60), local(TEXTS[jobs.index((route, job)) // 2]))
+    for route, text, job in jobs:
+        assert_same(job.result(timeout=60), local(text))
         record = records.get(job.id)
         assert record is not None
         assert record.worker == (host_a if route is route_a else host_b), (

@@ -2,7 +2,7 @@
 
 One module-scoped deployment with one worker per task (tiny random models built in fixtures),
 each result compared with ``transformers.pipeline()`` in this process on the same input.
-Payload sizes used: images of 40x30 to 320x240 pixels (PNG 3-230 KB, JPEG ~2 KB), audio of
+Payload sizes used: images of 40x30 to 320x240 pixels (PNG 2-112 KB, JPEG ~1 KB), audio of
 0.3-1.0 s at 16 kHz (float32 arrays and WAV files of 19-64 KB).
 """
 
@@ -39,7 +39,7 @@ from producer.errors import JobFailed, ValidationError
 RATE = 16_000
 #: Worker options per task: object-detection also proves URL fetching and a route's limit.
 WORKER_ARGS = {
-    "object-detection": ["--allow-urls", "--max-payload-bytes", "200000"],
+    "object-detection": ["--allow-urls", "--max-payload-bytes", "100000"],
     "audio-classification": ["--max-wait-ms", "300"],
     "automatic-speech-recognition": ["--max-wait-ms", "300"],
     "image-classification": ["--max-wait-ms", "300"],
@@ -254,15 +254,15 @@ def test_audio_claim_check_everything_out_of_band(
 
 def test_payload_limits_at_the_producer_and_the_route(
         module_deployment: Deployment, served: dict[str, str]) -> None:
-    data = image_bytes(sample_image(320, 240, seed=8))  # ~230 KB
+    data = image_bytes(sample_image(320, 240, seed=8))
     strict = remote(module_deployment, served, "image-classification", max_payload_bytes=50_000)
     with pytest.raises(ValidationError, match=r"over the payload limit of 50,000 bytes"):
         strict.submit(data)
-    # The object-detection route's own limit (--max-payload-bytes 200000) holds at its worker.
+    # The object-detection route's own limit (--max-payload-bytes 100000) holds at its worker.
     with pytest.raises(JobFailed) as failed:
         remote(module_deployment, served, "object-detection")(data, timeout=60)
     assert failed.value.error_type == "ValidationError"
-    assert "over this route's payload limit of 200,000 bytes" in str(failed.value)
+    assert "is 111,735 bytes, over the payload limit of 100,000 bytes" in str(failed.value)
 
 
 @pytest.fixture
