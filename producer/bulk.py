@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .contract import JobState
+from .contract import JobState, Lane
 from .errors import JobFailed, ValidationError
 from .params import validate_params
 from .store import JobRecord
@@ -145,13 +145,14 @@ class ChunkScheduler:
     flag it reads); ``on_pieces`` is told whenever a chunk's set of jobs changes (to persist
     the job ids for a later resume); ``attach`` maps chunk numbers to the ``(job id, offsets)``
     pairs a previous run left, to re-attach to instead of sending the inputs again.
+    ``lane="interactive"`` sends the chunks as ordinary jobs (the benchmark's control run).
     """
 
     def __init__(self, remote: RemotePipeline, params: dict[str, Any], *, max_in_flight: int = 4,
                  timeout: float | None = None, should_stop: Callable[[], bool] | None = None,
                  on_pieces: PiecesChanged | None = None,
                  attach: dict[int, list[tuple[str, list[int]]]] | None = None,
-                 cancel_on_close: bool = True, check_s: float = 1.0):
+                 cancel_on_close: bool = True, check_s: float = 1.0, lane: Lane = "bulk"):
         if max_in_flight < 1:
             raise ValidationError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.remote = remote
@@ -164,6 +165,7 @@ class ChunkScheduler:
         self.attach = attach or {}
         self.cancel_on_close = cancel_on_close
         self.check_s = check_s
+        self.lane: Lane = lane
         self.stats = BulkStats()
         self.stopped = False
         self._window: deque[Chunk] = deque()
@@ -246,7 +248,7 @@ class ChunkScheduler:
     def _send(self, chunk: Chunk, offsets: list[int], attempts: int) -> None:
         items = [chunk.items[o] for o in offsets]
         try:
-            request = self.remote.build_request(items, self.params, self.timeout, lane="bulk")
+            request = self.remote.build_request(items, self.params, self.timeout, lane=self.lane)
         except ValidationError as exc:
             if len(offsets) == 1:
                 chunk.answers[offsets[0]] = ItemError("ValidationError", str(exc))
@@ -369,9 +371,10 @@ class ChunkScheduler:
         return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
 
     def _queued_job_ids(self, limit: int = 100_000) -> set[str]:
-        """Ids of the jobs waiting in the route's bulk queue (short: bulk jobs bound it)."""
-        raw = self.client.redis.lrange(self.client.keys.bulk_queue_key(self.remote.route),
-                                       0, limit - 1)
+        """Ids of the jobs waiting in the lane's queue (short: bulk jobs bound it)."""
+        keys = self.client.keys
+        queue = keys.broker_prefix + keys.queue_for(self.remote.route, self.lane)
+        raw = self.client.redis.lrange(queue, 0, limit - 1)
         ids = set()
         for message in raw:
             try:

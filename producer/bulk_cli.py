@@ -352,8 +352,7 @@ class BulkRun:
             "inputs_per_s": round(session / seconds, 1) if seconds > 0 else None,
             "chunks_resent": scheduler.stats.resent, "chunks_split": scheduler.stats.split,
             "jobs_reattached": scheduler.stats.reattached,
-            # ru_maxrss is in KiB on Linux
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": peak_rss_mb(),
         }
         if self.args.json:
             print(json.dumps(summary))
@@ -362,6 +361,22 @@ class BulkRun:
               f"({self.failed} failed, {self.bad_lines} unreadable lines) in {seconds:.1f}s, "
               f"{summary['inputs_per_s']} inputs/s; output {self.args.output}; "
               f"peak RSS {summary['peak_rss_mb']} MB")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB.
+
+    Linux's VmHWM belongs to the process image: getrusage's ru_maxrss survives execve, so a
+    command started by a big parent (fork, then exec) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def run_bulk(args: argparse.Namespace) -> int:
@@ -424,6 +439,7 @@ def bulk_status(settings: Settings, args: argparse.Namespace) -> int:
     rate = (done - int(state.get("session_done", 0))) / elapsed if elapsed > 0 else 0.0
     report = {
         "bulk_id": args.bulk_id, "state": state.get("state"), "total": total, "done": done,
+        "producer_alive": _producer_alive(state),
         "failed": int(state.get("failed", 0)),
         "chunks_in_flight": sum(k.startswith("chunk:") for k in state),
         "cancel_requested": state.get("cancel") == "1",
@@ -439,11 +455,27 @@ def bulk_status(settings: Settings, args: argparse.Namespace) -> int:
     percent = 100 * done / total if total else 100.0
     print(f"bulk {args.bulk_id}: {report['state']}, {done} of {total} answered ({percent:.1f}%), "
           f"{report['failed']} failed, {report['chunks_in_flight']} chunks in flight")
+    if report["producer_alive"] is False and report["state"] == "running":
+        print(f"  its producer ({report['producer']}) is gone: run the same command again "
+              "to resume it")
     print(f"  {report['route']}  {report['input']} -> {report['output']}")
     eta = f", ETA {report['eta_s']}s" if report["eta_s"] is not None else ""
     print(f"  {report['inputs_per_s']} inputs/s{eta}; updated {report['updated_s_ago']}s ago by "
           f"{report['producer']}")
     return EXIT_OK
+
+
+def _producer_alive(state: dict[str, str]) -> bool | None:
+    """Whether the recorded producer process still runs (None: it runs on another host)."""
+    if state.get("host") != socket.gethostname() or not state.get("pid", "").isdigit():
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def bulk_cancel(settings: Settings, args: argparse.Namespace) -> int:

@@ -201,7 +201,7 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
             mark = "ok " if s.healthy else "DOWN"
             age = f"{s.oldest_age_s:.1f}s" if s.oldest_age_s is not None else "-"
             print(f"[{mark}] {s.route.describe()}  workers={len(s.workers)} "
-                  f"queued={s.queue_depth} oldest={age}")
+                  f"queued={s.queue_depth}{_bulk(s.lane_depths)} oldest={age}")
             for w in s.workers:
                 print(f"       {w['hostname']} host={w.get('host', '-')} device={w['device']} "
                       f"ready={w['ready']} beat={w['last_beat_age_s']:.1f}s ago"
@@ -210,6 +210,10 @@ def _status(args: argparse.Namespace, settings: Any) -> int:
             print("no routes configured or announced")
     unhealthy = [s for s in statuses if (s.configured or only) and not s.healthy]
     return EXIT_NO_WORKER if unhealthy or (only and not statuses) else EXIT_OK
+
+
+def _bulk(lane_depths: dict[str, int]) -> str:
+    return f" (bulk {lane_depths['bulk']})" if lane_depths.get("bulk") else ""
 
 
 def _memory(nbytes: Any) -> str:

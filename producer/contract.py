@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from .tasks import canonical_task
 
 JSONScalar = str | int | float | bool | None
-#: One input of a pipeline call: a string, or a mapping (e.g. {"text": ..., "text_pair": ...}).
+#: One input of a pipeline call: a string, or a mapping (e.g. {"text": ..., "text_pair": ...},
+#: or an image/audio envelope {"$media": ...}, see producer.media).
 InputItem = str | dict[str, Any]
 #: Which lane a job travels in: interactive jobs are served before waiting bulk chunks.
 Lane = Literal["interactive", "bulk"]

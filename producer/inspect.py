@@ -6,12 +6,12 @@ import base64
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import redis
 
 from .config import Settings
-from .contract import Keys, Route
+from .contract import Keys, Lane, Route
 from .registry import Registry
 
 
@@ -22,8 +22,11 @@ class RouteStatus:
     route: Route
     configured: bool
     workers: list[dict[str, Any]] = field(default_factory=list)
+    #: Jobs waiting in all the route's queues (lanes) together.
     queue_depth: int = 0
     oldest_age_s: float | None = None
+    #: Jobs waiting per lane ("interactive", "bulk").
+    lane_depths: dict[str, int] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -36,18 +39,39 @@ class RouteStatus:
             "route": self.route.describe(), "route_id": self.route.id,
             "configured": self.configured, "healthy": self.healthy,
             "queue_depth": self.queue_depth, "oldest_age_s": self.oldest_age_s,
-            "workers": self.workers,
+            "lane_depths": self.lane_depths, "workers": self.workers,
         }
 
 
+LANES: tuple[Lane, ...] = get_args(Lane)
+
+
+def _lane_key(keys: Keys, route: Route, lane: Lane) -> str:
+    return keys.broker_prefix + keys.queue_for(route, lane)
+
+
+def lane_depths(client: redis.Redis, keys: Keys, route: Route) -> dict[str, int]:
+    """Messages waiting in each lane's queue of a route (not those held by workers)."""
+    pipe = client.pipeline(transaction=False)
+    for lane in LANES:
+        pipe.llen(_lane_key(keys, route, lane))
+    return {lane: int(n) for lane, n in zip(LANES, pipe.execute(), strict=True)}
+
+
 def queue_depth(client: redis.Redis, keys: Keys, route: Route) -> int:
-    """Messages waiting in a route's queue (not counting those held by workers)."""
-    return int(client.llen(keys.queue_key(route)))
+    """Messages waiting in a route's queues, all lanes together."""
+    return sum(lane_depths(client, keys, route).values())
 
 
 def oldest_age(client: redis.Redis, keys: Keys, route: Route) -> float | None:
     """Seconds since the oldest queued job of a route was submitted (None if empty)."""
-    raw = client.lindex(keys.queue_key(route), -1)  # kombu pushes left, pops right
+    ages = [age for lane in LANES
+            if (age := _oldest_in(client, _lane_key(keys, route, lane))) is not None]
+    return max(ages, default=None)
+
+
+def _oldest_in(client: redis.Redis, queue_key: str) -> float | None:
+    raw = client.lindex(queue_key, -1)  # kombu pushes left, pops right
     if raw is None:
         return None
     try:
@@ -67,14 +91,15 @@ def deployment_status(settings: Settings, client: redis.Redis,
     configured = {spec.route for spec in settings.routes}
     routes = [only] if only else sorted(configured | set(registry.known_routes()),
                                         key=lambda r: r.describe())
-    return [
-        RouteStatus(
+    statuses = []
+    for route in routes:
+        depths = lane_depths(client, keys, route)
+        statuses.append(RouteStatus(
             route=route, configured=route in configured, workers=_with_beat_age(registry, route),
-            queue_depth=queue_depth(client, keys, route),
-            oldest_age_s=oldest_age(client, keys, route),
-        )
-        for route in routes
-    ]
+            queue_depth=sum(depths.values()), oldest_age_s=oldest_age(client, keys, route),
+            lane_depths=depths,
+        ))
+    return statuses
 
 
 def _with_beat_age(registry: Registry, route: Route) -> list[dict[str, Any]]:

@@ -11,8 +11,9 @@ Exported metrics (label ``route`` is the route id, as in the Celery task name
 ``pipeq.run[<route id>]``):
 
 =====================================  =======  ==============================================
+``pipeq_redis_up``                      gauge    1 when Redis answered the scrape (no label)
 ``pipeq_route_info``                   gauge    1 per route; labels task, model, revision
-``pipeq_queue_depth``                  gauge    jobs waiting in the route's queue
+``pipeq_queue_depth``                  gauge    jobs waiting, label ``lane`` (interactive, bulk)
 ``pipeq_queue_oldest_age_seconds``     gauge    age of the oldest waiting job (0 when empty)
 ``pipeq_workers``                      gauge    live, ready workers serving the route
 ``pipeq_jobs_total``                   counter  jobs ended, label ``state`` (SUCCESS, FAILURE,
@@ -118,7 +119,8 @@ class DeploymentCollector:
 
         info = gauge("pipeq_route_info", "Routes of this deployment",
                      ("route", "task", "model", "revision"))
-        depth = gauge("pipeq_queue_depth", "Jobs waiting in the route's queue")
+        depth = gauge("pipeq_queue_depth", "Jobs waiting in the route's queue, per lane",
+                      ("route", "lane"))
         age = gauge("pipeq_queue_oldest_age_seconds", "Age of the oldest waiting job")
         workers = gauge("pipeq_workers", "Live, ready workers serving the route")
         memory = gauge("pipeq_device_memory_bytes",
@@ -141,14 +143,16 @@ class DeploymentCollector:
             stats = [read_route_stats(self.client, self.settings.keys, s.route)
                      for s in statuses]
         except redis.RedisError as exc:
-            # A failed scrape shows up as missing series (and `up` stays 1): say why in the log.
             log.warning("cannot read metrics from Redis: %s", exc)
+            yield GaugeMetricFamily("pipeq_redis_up", "1 when Redis answered this scrape", 0)
             return
+        yield GaugeMetricFamily("pipeq_redis_up", "1 when Redis answered this scrape", 1)
         for status, route_stats in zip(statuses, stats, strict=True):
             route = status.route
             rid = route.id
             info.add_metric([rid, route.task, route.model, route.revision or ""], 1)
-            depth.add_metric([rid], status.queue_depth)
+            for lane, waiting in status.lane_depths.items():
+                depth.add_metric([rid, lane], waiting)
             age.add_metric([rid], status.oldest_age_s or 0.0)
             workers.add_metric([rid], sum(1 for w in status.workers if w.get("ready")))
             for worker in status.workers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, Task, signals
 
@@ -10,11 +11,15 @@ from producer.celery_app import make_celery
 from producer.config import Settings
 
 from .service import RouteService
+from .transport import dead_lettering_transport
 
 
 def build_app(settings: Settings, redis_url: str, service: RouteService) -> Celery:
     """A Celery app whose one task runs jobs of ``service``'s route."""
     app = make_celery(settings, redis_url)
+    # A queue item that is not a kombu message must not stop the worker (worker/transport.py).
+    scheme = urlsplit(redis_url).scheme or "redis"
+    app.conf.broker_transport = dead_lettering_transport(service.dead_letters, scheme)
     name = settings.keys.task_name(service.route)
 
     @app.task(name=name, bind=True, ignore_result=True, acks_late=True)

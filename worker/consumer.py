@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from vine import promise
 
 from producer.deadletters import DeadLetters
 
@@ -34,6 +35,28 @@ def consumer_class(dead_letters: DeadLetters) -> type[Consumer]:
         def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
             self._keep(message, f"invalid task message: {exc}")
             super().on_invalid_task(body, message, exc)
+
+        def create_task_handler(self, promise: Any = promise) -> Any:
+            """Celery's task handler; a message it chokes on becomes an invalid task.
+
+            Celery lets an error from a malformed task message (no ``id`` header, an
+            unparseable ``eta`` or ``expires``) escape to the event loop, which takes it for
+            a lost connection: it restores the message, receives it again and, after five
+            restarts in a second, stops the worker.
+            """
+            handle = super().create_task_handler(promise)
+            # kombu's Redis transport counts KeyError among its connection errors.
+            lost = tuple(e for e in self.connection_errors if e is not KeyError)
+
+            def on_task_received(message: Any) -> Any:
+                try:
+                    return handle(message)
+                except lost:
+                    raise
+                except Exception as exc:
+                    return self.on_invalid_task(None, message, exc)
+
+            return on_task_received
 
         def _keep(self, message: Any, reason: str) -> None:
             try:

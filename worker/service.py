@@ -125,6 +125,8 @@ class RouteService:
         """Decoded media inputs ([] for routes without media); ValidationError if bad."""
         if self.media is None:
             return []
+        if request.deadline is not None and request.deadline < time.time():
+            return []  # the batcher expires the job unrun: its payloads may be gone already
         media = self.media
         try:
             items: list[Any] = self._with_retry(lambda: media.resolve(request))

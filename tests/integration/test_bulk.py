@@ -185,6 +185,7 @@ def test_resume_after_a_killed_producer_answers_each_input_once(
     assert written < total, "the producer finished before it could be killed"
     status = json.loads(module_deployment.cli("bulk", "status", "resumed", "--json").stdout)
     assert status["state"] == "running" and 0 < status["done"] <= written
+    assert status["producer_alive"] is False
     # The same command again (no --resume needed: Redis knows the job) continues it.
     code, stdout, stderr = _finish(_bulk(module_deployment, *common, "--output", str(out),
                                          "--id", "resumed"))
@@ -271,7 +272,7 @@ def test_cancel_stops_the_job_and_resume_finishes_it(
     assert status["state"] == "cancelled"
     again = _finish(_bulk(module_deployment, *common))
     assert again[0] == 2 and "--resume" in again[2]
-    code, stdout, stderr = _finish(_bulk(module_deployment, *common, "--resume"))
+    code, _, stderr = _finish(_bulk(module_deployment, *common, "--resume"))
     assert code == 0, stderr
     _assert_each_index_once(_lines(out), total)
 

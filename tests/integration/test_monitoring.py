@@ -193,6 +193,7 @@ def test_exporter_reports_queues_workers_and_jobs_by_final_state(
         return samples
 
     samples = eventually(counted)  # workers flush their batch totals every heartbeat
+    assert value(samples, "pipeq_redis_up") == 1
     assert value(samples, "pipeq_jobs_total", route=rid, state="CANCELLED") == 0
     batches = value(samples, "pipeq_batches_total", route=rid)
     assert batches is not None and 1 <= batches <= traffic.inputs_run
@@ -202,8 +203,9 @@ def test_exporter_reports_queues_workers_and_jobs_by_final_state(
     assert (value(samples, "pipeq_queue_wait_seconds_total", route=rid) or 0) > 0
     assert value(samples, "pipeq_workers", route=rid) == 1
     assert value(samples, "pipeq_workers", route=down) == 0
-    assert value(samples, "pipeq_queue_depth", route=rid) == 0
-    assert value(samples, "pipeq_queue_depth", route=down) == 1
+    assert value(samples, "pipeq_queue_depth", route=rid, lane="interactive") == 0
+    assert value(samples, "pipeq_queue_depth", route=down, lane="interactive") == 1
+    assert value(samples, "pipeq_queue_depth", route=down, lane="bulk") == 0
     assert (value(samples, "pipeq_queue_oldest_age_seconds", route=down) or 0) > 0
     assert value(samples, "pipeq_route_info", route=down, task=TASK, model=DOWN_MODEL,
                  revision="") == 1

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import redis
 
 from producer.config import Settings
+from producer.embedded import free_port
 from producer.errors import ConfigError
-from producer.metrics import RouteTotals
+from producer.metrics import DeploymentCollector, RouteTotals
 from producer.monitor import basic_auth
+
+
+@pytest.fixture(autouse=True)
+def _no_flower_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PIPEQ_FLOWER_USER", "PIPEQ_FLOWER_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def settings(**values: str) -> Settings:
@@ -22,7 +32,7 @@ def test_flower_uses_the_configured_credentials() -> None:
 
 @pytest.mark.parametrize("values", [{}, {"flower_user": "ops"}, {"flower_password": "pw"}])
 def test_flower_without_credentials_needs_insecure(values: dict[str, str]) -> None:
-    with pytest.raises(ConfigError, match="PIPEQ_FLOWER_PASSWORD.*--insecure"):
+    with pytest.raises(ConfigError, match=r"PIPEQ_FLOWER_PASSWORD.*--insecure"):
         basic_auth(settings(**values), insecure=False)
     assert basic_auth(settings(**values), insecure=True) == []
 
@@ -40,3 +50,13 @@ def test_route_totals_kept_after_a_failed_flush_add_up() -> None:
     newer.add(kept)
     assert newer == RouteTotals(inputs=5, batches=3, batch_capacity=24, inference_seconds=0.5,
                                 jobs_started=2, queue_wait_seconds=0.25)
+
+
+def test_exporter_says_when_redis_does_not_answer(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    collector = DeploymentCollector(
+        Settings(redis_url=dead, routes_file=tmp_path / "none.toml"),  # type: ignore[arg-type]
+        redis.Redis.from_url(dead, socket_connect_timeout=1, socket_timeout=1))
+    families = list(collector.collect())
+    assert [f.name for f in families] == ["pipeq_redis_up"]
+    assert families[0].samples[0].value == 0

@@ -2,7 +2,8 @@
 
 The producer side (``producer.media``, ``producer.validation``) builds and checks envelopes;
 the worker side (``worker.media``) turns them back into what ``pipeline()`` takes; the codec
-carries output images. Services (Redis, workers) are covered in tests/integration/test_media.py.
+carries output images. Services (Redis, workers): tests/integration/test_media.py (this file
+is named differently because pytest needs unique basenames across the test folders).
 """
 
 from __future__ import annotations

