@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def main() -> int:
         else:
             print("the worker stopped before it was ready", file=sys.stderr)
             return 1
+        # Keep reading the worker's log so its pipe never fills up and blocks it.
+        threading.Thread(target=lambda: [None for _ in worker.stdout or []], daemon=True).start()
         return run_requests(pipeline(task="feature-extraction", model=model), settings)
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -98,12 +101,19 @@ def run_requests(remote: object, settings: object) -> int:
     job = remote.submit("Jobs can be submitted now and collected later.")
     print(f"5. job {job.id[:8]}... status {job.status()}; "
           f"result has {len(job.result(timeout=30)[0])} tokens; status {job.status()}")
-    pending = remote.submit("never runs", require_worker=False)
+    from producer import NoWorkerError, pipeline
+
+    other = pipeline("feature-extraction", model=remote.model, revision="v2")  # not served
+    try:
+        other("hello")
+    except NoWorkerError as exc:
+        print(f"   routing: {str(exc)[:75]}...")
+    pending = other.submit("queued for a worker that never comes", require_worker=False)
     cancelled = pending.cancel()
     try:
         pending.result(timeout=5)
     except JobCancelled:
-        print(f"   cancelled a job before it ran: {cancelled}; status {pending.status()}")
+        print(f"   cancelled a queued job before it ran: {cancelled}; status {pending.status()}")
 
     async def many() -> list[object]:
         return await asyncio.gather(*(remote.asubmit(f"async request {i}") for i in range(20)))

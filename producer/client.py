@@ -128,6 +128,9 @@ class Client:
                 task_id=request.job_id,
                 queue=self.keys.queue_for(request.route, request.lane),
                 retry=True,
+                # Flower shows this instead of the inputs: they may be private, and large.
+                argsrepr="()",
+                kwargsrepr=f"<{len(request.inputs)} input(s), params {sorted(request.params)}>",
             )
         except (kombu.exceptions.OperationalError, redis.ConnectionError, redis.TimeoutError,
                 OSError) as exc:

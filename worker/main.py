@@ -88,7 +88,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     if metrics_port is not None:
         try:
             extra["metrics_port"] = metrics.serve_http(metrics_port)
-        except OSError as exc:
+        except (OSError, ImportError) as exc:  # port taken, or prometheus-client missing
             log.error("worker not started: cannot serve metrics on port %d: %s", metrics_port,
                       exc)
             return EXIT_USAGE
