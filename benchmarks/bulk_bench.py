@@ -23,13 +23,13 @@ import json
 import os
 import platform
 import random
-import signal
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,11 @@ def start_worker(model: str, env: dict[str, str], batch: int, log: Path) -> subp
 
 
 def interactive(remote: Any, texts: list[str], count: int, pause_s: float,
-                until: threading.Event | None = None) -> list[float]:
-    """Latencies of single requests sent one at a time (stopping early when ``until`` is set)."""
+                until: Callable[[], bool] | None = None) -> list[float]:
+    """Latencies of single requests sent one at a time (stopping early once ``until()``)."""
     latencies = []
     for text in texts[:count]:
-        if until is not None and until.is_set():
+        if until is not None and until():
             break
         t0 = time.perf_counter()
         remote(text)
@@ -116,9 +116,11 @@ def bulk_child(args: argparse.Namespace) -> int:
     settings = Settings(redis_url=args.redis_url, queue_prefix=args.prefix,
                         routes_file=Path(tempfile.gettempdir()) / "none.toml")
     remote = pipeline("feature-extraction", model=args.model, settings=settings)
+    from producer.bulk_cli import peak_rss_mb
+
     texts = sentences(args.count) * args.repeat
-    print(json.dumps({"inputs_per_s": bulk(remote, texts, args.chunk_size, args.max_in_flight,
-                                           args.lane)}), flush=True)
+    rate = bulk(remote, texts, args.chunk_size, args.max_in_flight, args.lane)
+    print(json.dumps({"inputs_per_s": rate, "peak_rss_mb": peak_rss_mb()}), flush=True)
     return 0
 
 
@@ -132,20 +134,22 @@ def run_bulk_process(args: argparse.Namespace, redis_url: str, prefix: str, repe
     return subprocess.Popen(argv, cwd=ROOT, text=True, stdout=subprocess.PIPE)
 
 
-def bulk_rate(proc: subprocess.Popen[str]) -> float:
-    """The inputs/s a finished ``bulk_child`` reported."""
+def bulk_rate(proc: subprocess.Popen[str], rss: list[float] | None = None) -> float:
+    """The inputs/s a finished ``bulk_child`` reported (its peak RSS appended to ``rss``)."""
     out, _ = proc.communicate(timeout=3600)
-    return float(json.loads(out.strip().splitlines()[-1])["inputs_per_s"])
+    report = json.loads(out.strip().splitlines()[-1])
+    if rss is not None:
+        rss.append(float(report["peak_rss_mb"]))
+    return float(report["inputs_per_s"])
 
 
 def under_bulk(remote: Any, probes: list[str], args: argparse.Namespace, redis_url: str,
                prefix: str, lane: str) -> dict[str, Any]:
     """Interactive latencies while a bulk job (on ``lane``) saturates the worker."""
     proc = run_bulk_process(args, redis_url, prefix, 3, lane)
-    done = threading.Event()
-    threading.Thread(target=lambda: (proc.wait(), done.set()), daemon=True).start()
     time.sleep(5.0)  # the bulk process starts and fills the worker first
-    latencies = interactive(remote, probes, args.probes, args.pause, until=done)
+    latencies = interactive(remote, probes, args.probes, args.pause,
+                            until=lambda: proc.poll() is not None)
     return {"latencies": latencies, "bulk_inputs_per_s": bulk_rate(proc)}
 
 
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="worker max batch size")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="in-process / bulk rounds (alternated: the load drifts)")
     parser.add_argument("--probes", type=int, default=100, help="interactive requests per row")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between them")
     parser.add_argument("--model", help="model dir (default: the bundled all-MiniLM-L6-v2)")
@@ -180,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     texts = sentences(args.count)
     probes = random.Random(1).sample(sentences(args.count, seed=7), args.probes)
     load_before = os.getloadavg()
-    # The machine is shared: the limit is measured before and after the bulk row, averaged.
-    limit = in_process(args.model, texts, args.batch)
     workdir = Path(tempfile.mkdtemp(prefix="pipeq-bulk-bench-"))
     redis_proc, redis_url = start_redis_server(workdir / "redis")
     prefix = f"bulkbench{uuid.uuid4().hex[:6]}"
@@ -194,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                             routes_file=workdir / "none.toml")
         remote = pipeline("feature-extraction", model=args.model, settings=settings)
         remote(texts[:args.batch])  # warm the route
-        alone = bulk_rate(run_bulk_process(args, redis_url, prefix, 1, "bulk"))
-        worker.send_signal(signal.SIGSTOP)  # idle while the limit is measured again
-        again = in_process(args.model, texts, args.batch)
-        worker.send_signal(signal.SIGCONT)
-        limits = [limit["inputs_per_s"], again["inputs_per_s"]]
-        limit["inputs_per_s"] = sum(limits) / 2
+        # A shared machine's load drifts: alternate the limit and the bulk job, round by
+        # round (the worker idles while the limit runs), and compare within each round.
+        limits: list[dict[str, float]] = []
+        rates: list[float] = []
+        rss: list[float] = []
+        for _ in range(args.rounds):
+            limits.append(in_process(args.model, texts, args.batch))
+            rates.append(bulk_rate(run_bulk_process(args, redis_url, prefix, 1, "bulk"), rss))
         idle = interactive(remote, probes, args.probes, args.pause)
         # The bulk jobs below run the sentences three times over, to cover every probe.
         lanes = under_bulk(remote, probes, args, redis_url, prefix, "bulk")
@@ -208,19 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         worker.terminate()
         worker.wait(30)
         redis_proc.terminate()
-    idle_p95 = 1000 * percentile(idle, 95)
-    target = 2 * idle_p95 + limit["batch_p95_ms"]
+    ratios = [rate / limit["inputs_per_s"] for rate, limit in zip(rates, limits, strict=True)]
+    batch_p95 = statistics.median(limit["batch_p95_ms"] for limit in limits)
+    target = 2 * 1000 * percentile(idle, 95) + batch_p95
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "sentences": len(texts), "batch": args.batch, "chunk_size": args.chunk_size,
         "max_in_flight": args.max_in_flight,
-        "in_process_sorted_batched_inputs_per_s": round(limit["inputs_per_s"], 1),
-        "in_process_runs_inputs_per_s": [round(x, 1) for x in limits],
-        "one_batch_ms": {"p50": round(limit["batch_p50_ms"], 1),
-                         "p95": round(limit["batch_p95_ms"], 1)},
-        "bulk_inputs_per_s": round(alone, 1),
-        "bulk_ratio_to_in_process": round(alone / limit["inputs_per_s"], 3),
+        "in_process_sorted_batched_inputs_per_s": [round(x["inputs_per_s"], 1) for x in limits],
+        "bulk_inputs_per_s": [round(x, 1) for x in rates],
+        "bulk_ratio_to_in_process": [round(x, 3) for x in ratios],
+        "bulk_ratio_median": round(statistics.median(ratios), 3),
+        "bulk_producer_peak_rss_mb": max(rss),
+        "one_batch_ms_p95_median": round(batch_p95, 1),
         "interactive_idle_ms": _summary(idle),
         "interactive_under_bulk_lanes_ms": _summary(lanes["latencies"]),
         "bulk_inputs_per_s_with_probes": round(lanes["bulk_inputs_per_s"], 1),

@@ -148,7 +148,7 @@ class ChunkScheduler:
     ``lane="interactive"`` sends the chunks as ordinary jobs (the benchmark's control run).
     """
 
-    def __init__(self, remote: RemotePipeline, params: dict[str, Any], *, max_in_flight: int = 4,
+    def __init__(self, remote: RemotePipeline, params: dict[str, Any], *, max_in_flight: int = 8,
                  timeout: float | None = None, should_stop: Callable[[], bool] | None = None,
                  on_pieces: PiecesChanged | None = None,
                  attach: dict[int, list[tuple[str, list[int]]]] | None = None,
@@ -189,7 +189,11 @@ class ChunkScheduler:
                     self._admit(chunk)
                     self._window.append(chunk)
                 if self._window and self._window[0].complete:
-                    yield self._window.popleft()
+                    chunk = self._window.popleft()
+                    yield chunk
+                    # Handed over (for `pipeq bulk`: written and fsynced): its job records
+                    # need not wait out the result TTL, so Redis holds only chunks in flight.
+                    self._drop_records(chunk)
                     continue
                 if not self._window or self.stopped:
                     closed_early = bool(self._window)
@@ -205,6 +209,9 @@ class ChunkScheduler:
             futures = [p.future for c in self._window for p in c.outstanding()]
             if futures:
                 wait(futures, timeout=self.check_s, return_when=FIRST_COMPLETED)
+            else:  # nothing in flight, yet an input unanswered: never wait for nothing
+                for chunk in self._window:
+                    self._send_uncovered(chunk)
             ended = [(c, p) for c in self._window for p in c.ended()]
         for chunk, piece in ended:
             if not self.stopped:
@@ -238,12 +245,17 @@ class ChunkScheduler:
         known = self.attach.pop(chunk.number, None)
         if known:
             self._reattach(chunk, known)
-        missing = [o for o, a in enumerate(chunk.answers)
-                   if a is MISSING and not any(o in p.offsets for p in chunk.pieces)]
-        if missing:
-            self._send(chunk, missing, attempts=1)
+        self._send_uncovered(chunk)
         self.stats.chunks_sent += 1
         self._changed(chunk)
+
+    def _send_uncovered(self, chunk: Chunk) -> None:
+        """Send the unanswered inputs no job of the chunk is running for."""
+        covered = {o for p in chunk.pieces if not p.settled for o in p.offsets}
+        missing = [o for o, a in enumerate(chunk.answers) if a is MISSING and o not in covered]
+        if missing:
+            self._send(chunk, missing, attempts=1)
+            self._changed(chunk)
 
     def _send(self, chunk: Chunk, offsets: list[int], attempts: int) -> None:
         items = [chunk.items[o] for o in offsets]
@@ -383,6 +395,14 @@ class ChunkScheduler:
                 continue
         return ids
 
+    def _drop_records(self, chunk: Chunk) -> None:
+        keys = [self.client.keys.result(p.job_id) for p in chunk.pieces]
+        if keys:
+            try:
+                self.client.redis.delete(*keys)
+            except redis.RedisError as exc:  # they expire with the result TTL anyway
+                log.warning("could not delete the job records of chunk %d: %s", chunk.number, exc)
+
     def _cancel_outstanding(self) -> None:
         ids = [p.job_id for c in self._window for p in c.outstanding()]
         for job_id in ids:
@@ -427,7 +447,7 @@ def check_bulk_options(remote: RemotePipeline, chunk_size: int, max_in_flight: i
 
 
 def map_inputs(remote: RemotePipeline, inputs: Iterable[Any], *, chunk_size: int = 64,
-               max_in_flight: int = 4, on_error: str = "raise", timeout: float | None = None,
+               max_in_flight: int = 8, on_error: str = "raise", timeout: float | None = None,
                **params: Any) -> Iterator[Any]:
     """Results of ``remote`` for every input of ``inputs``, in input order, as they arrive.
 

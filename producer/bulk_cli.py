@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--param", action="append", type=_parse_param, default=[],
                         metavar="KEY=VALUE", help="call parameter (VALUE parsed as JSON if it can)")
     parser.add_argument("--chunk-size", type=int, default=64, help="inputs per job (64)")
-    parser.add_argument("--max-in-flight", type=int, default=4,
-                        help="chunks sent and not yet written (4)")
+    parser.add_argument("--max-in-flight", type=int, default=8,
+                        help="chunks sent and not yet written (8)")
     parser.add_argument("--timeout", type=float, help="deadline of each chunk job, in seconds")
     parser.add_argument("--resume", action="store_true",
                         help="continue an existing output file (even one Redis does not know)")
@@ -490,8 +490,8 @@ def bulk_cancel(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     # The flag first: the running command must see it before its jobs come back cancelled.
     client.redis.hset(key, "cancel", "1")
-    if state.get("state") != "running":
-        client.redis.hset(key, "state", "cancelled")
+    if state.get("state") != "running" or _producer_alive(state) is False:
+        client.redis.hset(key, "state", "cancelled")  # no running command will record it
     job_ids = [j for name, value in state.items() if name.startswith("chunk:")
                for j, _ in json.loads(value)]
     cancelled = sum(Job(client, job_id).cancel() for job_id in job_ids)

@@ -300,7 +300,7 @@ class RemotePipeline:
 
     acall = asubmit
 
-    def map(self, inputs: Iterable[Any], *, chunk_size: int = 64, max_in_flight: int = 4,
+    def map(self, inputs: Iterable[Any], *, chunk_size: int = 64, max_in_flight: int = 8,
             on_error: str = "raise", timeout: float | None = None, **params: Any
             ) -> Iterator[Any]:
         """Run every input of ``inputs`` (any iterable, read lazily); yield results in order.

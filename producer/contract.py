@@ -99,9 +99,10 @@ class JobRequest(BaseModel):
     #: True when the caller passed one input rather than a list: the result is not a list.
     single: bool
     params: dict[str, Any] = Field(default_factory=dict)
-    submitted_at: float
-    #: Absolute UNIX time after which the job is not worth running (EXPIRED).
-    deadline: float | None = None
+    submitted_at: Annotated[float, Field(allow_inf_nan=False)]
+    #: Absolute UNIX time after which the job is not worth running (EXPIRED). Finite: a NaN
+    #: deadline would compare false with every time, and the job would never expire.
+    deadline: Annotated[float, Field(allow_inf_nan=False)] | None = None
     #: Redis list the worker pushes the finished job id onto, to wake the waiting producer.
     reply_to: str | None = None
     #: "bulk" for chunks of a bulk job (``producer.bulk``): they travel on the route's bulk

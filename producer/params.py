@@ -9,6 +9,7 @@ and again by the worker, which validates every message it receives.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -165,7 +166,9 @@ def _explain(task: str, model: type[BaseModel], exc: pydantic.ValidationError) -
         if err["type"] == "extra_forbidden":
             problems.append(f"unknown parameter {name!r}")
         else:
-            problems.append(f"parameter {name!r}: {err['msg']} (got {err.get('input')!r:.80})")
+            # reprlib: a plain repr of a deeply nested value raises RecursionError.
+            got = reprlib.repr(err.get("input"))
+            problems.append(f"parameter {name!r}: {err['msg']} (got {got:.80})")
     accepted = ", ".join(sorted(model.model_fields))
     return f"invalid call parameters for {task!r}: " + "; ".join(problems) + (
         f". Accepted parameters: {accepted}" if accepted else ""

@@ -5,6 +5,7 @@ Each problem gets a ValidationError that says what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from .errors import ValidationError
@@ -131,4 +132,5 @@ def _check_json(value: Any, where: str, max_chars: int, depth: int) -> None:
 
 
 def _kind(value: Any) -> str:
-    return f"{type(value).__name__} {value!r:.60}"
+    # reprlib: a plain repr of a deeply nested input raises RecursionError, not our error.
+    return f"{type(value).__name__} {reprlib.repr(value):.60}"

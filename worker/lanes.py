@@ -8,12 +8,15 @@ for every queued bulk input to run. :class:`LaneQueue` replaces the batcher's FI
   batch (that is how ``MicroBatcher._gather`` takes a batch's first input) and picks the
   interactive lane whenever it holds anything; the gets that continue the batch
   (``get_nowait()``, ``get(timeout=...)``) return interactive inputs first and, in a bulk
-  batch only, bulk inputs after them. An interactive request therefore waits for at most the
-  batch in hand, and its own batch is not padded out with bulk inputs.
-- bulk inputs are served from a *plan*: the oldest ``plan_size`` waiting bulk inputs sorted by
-  length, so bulk batches pad little (like the in-process sorted-batched loop) while chunks
-  still finish roughly in the order they came (oldest first), which keeps the producer's
-  ordered window moving.
+  batch only, bulk inputs after them, at most ``bulk_batch`` of them (one pipeline call's
+  worth: the batcher may gather several calls' worth, and would run them all before looking
+  at the queue again). An interactive request therefore waits for at most one bulk call, and
+  its own batch is not padded out with bulk inputs.
+- bulk inputs are served from a *plan*: the oldest half of the waiting bulk inputs (at least
+  one batch, at most ``plan_size``) sorted by length, so bulk batches pad little (like the
+  in-process sorted-batched loop) while chunks still finish roughly in the order they came
+  (oldest first). Half, so that while one plan runs, the producer gets the chunks of the
+  previous one back and sends new ones: the worker never waits for them.
 
 The Redis side of the lanes is ``Keys.bulk_queue``: the worker consumes both queues and
 kombu polls them round-robin, so interactive messages are never stuck behind bulk messages.
@@ -50,9 +53,11 @@ class LaneQueue(Generic[T]):
     ``None`` (the batcher's stop signal) is returned before anything else.
     """
 
-    def __init__(self, plan_size: int = 128, lane_of: Callable[[T], str] = slot_lane,
+    def __init__(self, plan_size: int = 128, bulk_batch: int = 32,
+                 lane_of: Callable[[T], str] = slot_lane,
                  length_of: Callable[[T], int] = slot_length):
         self.plan_size = max(1, plan_size)
+        self.bulk_batch = max(1, bulk_batch)
         self._lane_of = lane_of
         self._length_of = length_of
         self._cond = threading.Condition()
@@ -61,6 +66,7 @@ class LaneQueue(Generic[T]):
         self._plan: deque[T] = deque()  # bulk inputs sorted by length, served next
         self._stops = 0
         self._batch_lane = INTERACTIVE
+        self._batch_bulk = 0  # bulk inputs handed out in the batch being formed
 
     def put(self, item: T | None) -> None:
         """Add an input (or the stop signal ``None``)."""
@@ -82,7 +88,7 @@ class LaneQueue(Generic[T]):
                 found, item = self._take(begins)
                 if found:
                     return item
-                if not block:
+                if not block or self._bulk_batch_full():
                     raise queue.Empty
                 if deadline is None:
                     self._cond.wait()
@@ -107,15 +113,20 @@ class LaneQueue(Generic[T]):
             return True, None
         if begins:
             self._batch_lane = INTERACTIVE if self._interactive else BULK
+            self._batch_bulk = 0
         if self._interactive:
             return True, self._interactive.popleft()
-        if self._batch_lane == INTERACTIVE:
+        if self._batch_lane == INTERACTIVE or self._bulk_batch_full():
             return False, None  # never fill an interactive batch with bulk inputs
         if not self._plan and self._pending:
-            take = [self._pending.popleft()
-                    for _ in range(min(self.plan_size, len(self._pending)))]
+            size = min(self.plan_size, max(self.bulk_batch, len(self._pending) // 2))
+            take = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
             take.sort(key=self._length_of)
             self._plan.extend(take)
         if self._plan:
+            self._batch_bulk += 1
             return True, self._plan.popleft()
         return False, None
+
+    def _bulk_batch_full(self) -> bool:
+        return self._batch_lane == BULK and self._batch_bulk >= self.bulk_batch

@@ -155,14 +155,17 @@ class RouteService:
             over_run = (self.run_timeout_s is not None and job.started_at
                         and now - job.started_at > self.run_timeout_s)
             if over_deadline or over_run:
-                self._time_out(job)
+                self._time_out(job, over_run=bool(over_run))
                 return
 
-    def _time_out(self, job: JobInFlight) -> None:
+    def _time_out(self, job: JobInFlight, over_run: bool = False) -> None:
         state, kind = (JobState.FAILURE, "JobTimeout") if job.started else (
             JobState.EXPIRED, "JobExpired")
         message = ("the job ran past its deadline; its result is discarded" if job.started
                    else "the job's deadline passed while it waited for a batch")
+        if over_run:
+            message = (f"the job ran longer than its route's limit of {self.run_timeout_s:g}s "
+                       "(timeout_s in the routing table); its result is discarded")
         job.fail(state, kind, message)
         self._store([job])
 

@@ -1,7 +1,7 @@
 """kombu's Redis transport, with dead letters for queue items that are not kombu messages.
 
 kombu pops an item off a queue list and parses it as a JSON kombu envelope inside the
-worker's event loop: an item that is not JSON, not UTF-8 or not an envelope raises there,
+worker's event loop: an item that is not JSON (or not an envelope) raises there,
 and Celery stops the whole worker ("Unrecoverable error"). One stray ``LPUSH`` would take a
 route down. This transport keeps such an item in the dead-letter list with the reason and
 goes on with the next message.
@@ -65,10 +65,8 @@ def dead_lettering_transport(dead_letters: DeadLetters, scheme: str = "redis"
         def _brpop_read(self, **options: Any) -> Any:
             try:
                 return super()._brpop_read(**options)
-            except json.JSONDecodeError as exc:
+            except json.JSONDecodeError as exc:  # (kombu decodes bytes with errors="replace")
                 raw, reason = exc.doc.encode(), f"queue item is not JSON: {exc}"
-            except UnicodeDecodeError as exc:
-                raw, reason = bytes(exc.object), f"queue item is not UTF-8 text: {exc}"
             except NotAKombuMessage as exc:
                 raw = json.dumps(exc.payload).encode()
                 reason = f"queue item is not a kombu message ({exc})"

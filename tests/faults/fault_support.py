@@ -95,6 +95,25 @@ def unacked_count(dep: Deployment) -> int:
     return int(dep.redis.hlen(dep.settings.keys.unacked()))
 
 
+def whereabouts(dep: Deployment, route: Route, job_ids: Sequence[str]) -> dict[str, str]:
+    """Where each unfinished job is: queued, held by a worker (unacked), or nowhere."""
+    def job_id(raw: bytes) -> str:
+        try:
+            return str(json.loads(raw)["headers"]["id"])
+        except (ValueError, KeyError, TypeError):
+            return ""
+
+    queued = {job_id(m) for m in dep.redis.lrange(dep.settings.keys.queue_key(route), 0, -1)}
+    held = {job_id(json.dumps(json.loads(v)[0]).encode())
+            for v in dep.redis.hvals(dep.settings.keys.unacked())}
+    out = {}
+    for job, state, count in zip(job_ids, states(dep, job_ids), starts(dep, job_ids),
+                                 strict=True):
+        place = "queued" if job in queued else "held (unacked)" if job in held else "nowhere"
+        out[job] = f"{state}, started {count}x, message {place}"
+    return out
+
+
 def dead_letters(dep: Deployment) -> list[DeadLetter]:
     """The deployment's dead-letter list, oldest first."""
     return DeadLetters(dep.redis, dep.settings.keys).list()

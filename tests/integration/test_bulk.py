@@ -135,10 +135,13 @@ def test_bulk_answers_every_line_once_in_order_and_reports_bad_lines(
     rows[70] = json.dumps({"body": "no text field"})
     source = _write_text(tmp_path / "docs.jsonl", rows)
     out = tmp_path / "out.jsonl"
+    records_before = len(module_deployment.keys(":job:*"))
     code, stdout, stderr = _finish(_bulk(
         module_deployment, "--task", FE, "--model", served[FE], "--input", str(source),
         "--output", str(out), "--chunk-size", "16", "--id", "docs", "--json"))
     assert code == 0, stderr
+    # Written chunks' job records are deleted: Redis does not keep the results for the TTL.
+    assert len(module_deployment.keys(":job:*")) == records_before
     assert "line 4: invalid JSON" in stderr and "line 71: no field 'text'" in stderr
     lines = _lines(out)
     _assert_each_index_once(lines, 150)
@@ -283,12 +286,17 @@ def test_producer_memory_stays_bounded(module_deployment: Deployment, served: di
     total = 20_000
     source = _write_text(tmp_path / "short.txt", [f"w{i}" for i in range(total)])
     out = tmp_path / "out.jsonl"
-    code, stdout, stderr = _finish(_bulk(
-        module_deployment, "--task", FE, "--model", served[FE], "--input", str(source),
-        "--output", str(out), "--chunk-size", "64", "--max-in-flight", "4", "--json"),
-        timeout=280)
+    records_before = len(module_deployment.keys(":job:*"))
+    proc = _bulk(module_deployment, "--task", FE, "--model", served[FE], "--input", str(source),
+                 "--output", str(out), "--chunk-size", "64", "--max-in-flight", "4", "--json")
+    records_seen = []
+    while proc.poll() is None:  # Redis holds the chunks in flight only, never the whole job
+        records_seen.append(len(module_deployment.keys(":job:*")) - records_before)
+        time.sleep(0.2)
+    code, stdout, stderr = _finish(proc)
     assert code == 0, stderr
     summary = _summary(stdout)
     assert summary["answered"] == total
     assert summary["peak_rss_mb"] < 110, summary
     assert _count_lines(out) == total
+    assert records_seen and max(records_seen) <= 4 + 1, max(records_seen)

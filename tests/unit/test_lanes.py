@@ -73,17 +73,18 @@ def test_interactive_job_runs_in_the_next_batch_alone_despite_queued_bulk() -> N
     assert all(len(b) <= 8 for b in runner.batches)
 
 
-def test_bulk_inputs_are_batched_by_length_oldest_plan_first() -> None:
-    lanes: LaneQueue[tuple[str, str]] = LaneQueue(plan_size=4, lane_of=lambda s: s[0],
+def test_bulk_inputs_are_planned_by_length_oldest_half_first() -> None:
+    lanes: LaneQueue[tuple[str, str]] = LaneQueue(plan_size=16, bulk_batch=2,
+                                                  lane_of=lambda s: s[0],
                                                   length_of=lambda s: len(s[1]))
-    for text in ["cccc", "a", "bbb", "dd", "zzzzzz", "y"]:
+    for text in ["cccc", "a", "bbb", "dd", "zzzzzz", "y", "xxxxx", "w"]:
         lanes.put(("bulk", text))
-    first = lanes.get()
-    rest = [lanes.get_nowait() for _ in range(3)]
-    # The oldest four, shortest first; the two newer ones wait for the next plan.
-    assert [first, *rest] == [("bulk", "a"), ("bulk", "dd"), ("bulk", "bbb"), ("bulk", "cccc")]
-    assert lanes.get() == ("bulk", "y")
-    assert lanes.get_nowait() == ("bulk", "zzzzzz")
+    batches = []
+    for _ in range(4):
+        batches.append([lanes.get(), lanes.get_nowait()])
+    # Each plan: the oldest half of what waits, sorted by length, served two per batch.
+    assert [[text for _, text in b] for b in batches] == [
+        ["a", "dd"], ["bbb", "cccc"], ["y", "zzzzzz"], ["w", "xxxxx"]]
 
 
 def test_an_interactive_batch_is_not_filled_with_bulk_inputs() -> None:
@@ -100,3 +101,43 @@ def test_an_interactive_batch_is_not_filled_with_bulk_inputs() -> None:
     assert lanes.get() == ("bulk", "x")  # the next batch begins with it
     lanes.put(None)
     assert lanes.get() is None  # the stop signal comes first
+
+
+def test_interactive_waits_for_one_bulk_call_not_a_whole_gather() -> None:
+    # The batcher gathers several calls' worth of inputs; bulk gathers stop at one call.
+    runner = RecordingRunner(seconds=0.05)
+    runner.gate.set()
+    batcher = _batcher(runner, size=4)
+    batcher.start()
+    try:
+        bulk = [_job([f"b{c}-{i}" for i in range(16)], "bulk", f"c{c}") for c in range(4)]
+        for job in bulk:
+            batcher.submit(job)
+        while not runner.batches:
+            time.sleep(0.005)
+        in_hand = len(runner.batches)
+        interactive = _job(["hi"], "interactive", "i1")
+        batcher.submit(interactive)
+        assert interactive.done.wait(5)
+        for job in bulk:
+            assert job.done.wait(10)
+    finally:
+        batcher.stop()
+    assert runner.batches.index(["hi"]) <= in_hand + 1, runner.batches[:in_hand + 3]
+
+
+def test_a_full_bulk_batch_ends_at_once() -> None:
+    lanes: LaneQueue[tuple[str, str]] = LaneQueue(bulk_batch=2, lane_of=lambda s: s[0],
+                                                  length_of=lambda s: len(s[1]))
+    for text in ["a", "b", "c"]:
+        lanes.put(("bulk", text))
+    assert [lanes.get(), lanes.get_nowait()] == [("bulk", "a"), ("bulk", "b")]
+    started = time.monotonic()
+    try:
+        lanes.get(timeout=1.0)
+    except queue.Empty:
+        pass
+    else:
+        raise AssertionError("a third bulk input joined a batch of two")
+    assert time.monotonic() - started < 0.5, "a full batch waited for more inputs"
+    assert lanes.get() == ("bulk", "c")

@@ -1,0 +1,161 @@
+"""Redis going away: queued jobs survive a crash, workers and producers reconnect by
+themselves, and a producer that cannot reach Redis is told so within a bounded time.
+
+This module runs its own redis-server, on a fixed port and directory so that it can be
+stopped and started again, with the persistence of ``settings/redis.conf``: AOF with fsync
+every second, no eviction. (The shipped file itself needs Redis 7 for ``appenddirname``;
+the embedded server is 6.2, so the same settings are given on the command line.)
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from compare import assert_same
+from conftest import Deployment
+from fault_support import TASK, queue_length, texts, wait_until
+from tiny_models import build_text_model
+
+from producer.client import Client, RemotePipeline
+from producer.embedded import free_port, start_redis_server
+from producer.errors import BrokerUnavailable
+
+PERSISTENCE = ["--appendonly", "yes", "--appendfsync", "everysec",
+               "--maxmemory-policy", "noeviction"]
+CONNECT_TIMEOUT_S = 2.0
+
+
+class RedisServer:
+    """A redis-server child that can be crashed, stopped and started again in place."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        """Start on the same port and directory (reloading the AOF)."""
+        self.proc, self.url = start_redis_server(self.workdir, self.port, extra=PERSISTENCE)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop it: SIGTERM is a clean shutdown, SIGKILL a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """This module's own persistent Redis."""
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis-restart"))
+    redis_server.start()
+    yield redis_server
+    if redis_server.proc is not None and redis_server.proc.poll() is None:
+        redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def dep(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A deployment on that Redis; producers give up on it after CONNECT_TIMEOUT_S."""
+    deployment = Deployment(server.url, tmp_path_factory.mktemp("restart-dep"),
+                            connect_timeout_s=CONNECT_TIMEOUT_S)
+    yield deployment
+    for worker in deployment.workers:
+        worker.stop()
+    Client._instances.pop((repr(server.url), deployment.prefix), None)
+
+
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> str:
+    """The tiny text-classification model."""
+    return str(build_text_model(TASK, models_dir))
+
+
+@pytest.fixture(scope="module")
+def local(model: str) -> Any:
+    """The local truth: transformers.pipeline() on the same model."""
+    return transformers.pipeline(TASK, model=model)
+
+
+@pytest.fixture(scope="module")
+def remote(dep: Deployment, model: str) -> RemotePipeline:
+    """The route's remote pipeline (one producer for the whole module)."""
+    return dep.remote(TASK, model)
+
+
+def test_queued_jobs_survive_a_redis_crash(server: RedisServer, dep: Deployment, model: str,
+                                           remote: RemotePipeline, local: Any) -> None:
+    inputs = texts(20, "survivor ")
+    jobs = [remote.submit(text, require_worker=False, timeout=600) for text in inputs]
+    assert queue_length(dep, remote.route) == len(jobs)
+    time.sleep(1.2)  # appendfsync everysec: what is older than a second is on disk
+    server.stop(signal.SIGKILL)
+    server.start()
+    assert queue_length(dep, remote.route) == len(jobs)
+    assert [job.status() for job in jobs] == ["PENDING"] * len(jobs)
+
+    dep.start_worker(TASK, model)
+    for text, job in zip(inputs, jobs, strict=True):
+        assert_same(job.result(timeout=60), local(text))
+
+
+def test_worker_and_producer_reconnect_after_a_restart(
+        server: RedisServer, dep: Deployment, model: str, remote: RemotePipeline,
+        local: Any) -> None:
+    (worker,) = [w for w in dep.workers if w.proc.poll() is None] or [
+        dep.start_worker(TASK, model)]
+    assert_same(remote("before the restart", timeout=30), local("before the restart"))
+    server.stop()
+    time.sleep(1.0)  # the worker and the producer notice that Redis is gone
+    server.start()
+    inputs = texts(10, "after a restart ")
+    # The producer's first calls may meet closed connections: they are retried, not raised.
+    jobs = [remote.submit(text, timeout=120) for text in inputs]
+    for text, job in zip(inputs, jobs, strict=True):
+        assert_same(job.result(timeout=60), local(text))
+    assert worker.proc.poll() is None  # the same worker process reconnected
+    assert "pipeq worker ready" in worker.log()
+
+
+def test_producer_without_redis_gets_broker_unavailable_in_bounded_time(
+        server: RedisServer, dep: Deployment, model: str, remote: RemotePipeline,
+        local: Any) -> None:
+    job = remote.submit("submitted while Redis is up", timeout=120)
+    job.result(timeout=60)
+    server.stop()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    calls = {
+        "submit": lambda: remote.submit("hello"),
+        "submit(require_worker=False)": lambda: remote.submit("hello", require_worker=False),
+        "job.status()": job.status,
+        "job.result()": lambda: job.result(timeout=30),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as info:
+            call()
+        took = time.monotonic() - started
+        print(f"\nRedis down: {name} -> BrokerUnavailable after {took:.1f}s: {info.value}")
+        assert f"cannot reach Redis at {url}" in str(info.value)
+        assert took < CONNECT_TIMEOUT_S + 5, f"{name} took {took:.1f}s"
+
+    started = time.monotonic()
+    cli = dep.cli("submit", "--task", TASK, "--model", model, "--no-require-worker", "hello")
+    assert cli.returncode == 5, cli.stdout + cli.stderr  # documented: Redis unreachable
+    assert "cannot reach Redis" in cli.stderr
+    assert time.monotonic() - started < CONNECT_TIMEOUT_S + 20
+
+    # Redis back: the worker announces itself again (its heartbeat reconnects), and the same
+    # producer and worker go on.
+    server.start()
+    wait_until(lambda: remote.client.registry.workers(remote.route), 10,
+               "the worker's heartbeat to reach the restarted Redis")
+    assert_same(remote("Redis is back", timeout=60), local("Redis is back"))
