@@ -21,6 +21,9 @@ from .contract import Keys
 
 #: Most entries kept; older ones are trimmed so a flood of garbage cannot fill Redis.
 MAX_ENTRIES = 10_000
+#: Most bytes of an undecodable message kept (enough to look at; 10,000 one-megabyte
+#: garbage items would otherwise take 13 GB).
+MAX_RAW_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class DeadLetters:
         """Keep a dead message with its reason; returns the entry."""
         entry = DeadLetter(
             id=uuid.uuid4().hex[:12], reason=reason, at=time.time(), queue=queue, job_id=job_id,
-            request=request, raw=base64.b64encode(raw).decode() if raw is not None else None,
+            request=request,
+            raw=base64.b64encode(raw[:MAX_RAW_BYTES]).decode() if raw is not None else None,
         )
         pipe = self.client.pipeline(transaction=False)
         pipe.rpush(self.keys.dead_letters(), json.dumps(asdict(entry)))

@@ -11,6 +11,8 @@ timeout); a job started more than twice is a poison message.
 3. A job that kills every worker that runs it ends as PoisonMessage in the dead-letter list;
    ``pipeq dead requeue`` runs it again once a fixed worker serves the route.
 4. A job longer than the visibility timeout runs once (leases are renewed).
+5. (xfail, a known kombu limitation) A message a worker has popped off the queue but not
+   yet recorded as unacknowledged is lost if the worker is killed in that instant.
 """
 
 from __future__ import annotations
