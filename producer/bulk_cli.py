@@ -215,6 +215,9 @@ class BulkRun:
         if not self.args.no_require_worker and done.answered < total:
             self.remote._check_workers(True)
         self.answered, self.failed, self.total = done.answered, done.failed, total
+        resuming = f", resuming at input #{done.answered}" if done.answered else ""
+        _note(f"pipeq bulk: job {self.bulk_id}, {total} inputs{resuming} "
+              f"(`pipeq bulk status {self.bulk_id}` from another shell)")
         self.bad_lines = done.bad
         scheduler = ChunkScheduler(
             self.remote, self.params, max_in_flight=self.args.max_in_flight,

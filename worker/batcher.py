@@ -135,7 +135,7 @@ class MicroBatcher:
         self._finish_jobs = finish_jobs
         self._observe = observe
         # Interactive inputs before bulk chunks' (worker/lanes.py); bulk ones sorted by length.
-        self._queue: LaneQueue[Slot] = LaneQueue(plan_size=8 * policy.max_batch_size,
+        self._queue: LaneQueue[Slot] = LaneQueue(plan_size=16 * policy.max_batch_size,
                                                  bulk_batch=policy.max_batch_size)
         self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
         self._stopping = threading.Event()
