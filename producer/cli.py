@@ -15,7 +15,6 @@ from typing import Any
 from .errors import (
     BrokerUnavailable,
     ConfigError,
-    JobFailed,
     JobTimeout,
     NoWorkerError,
     PipeqError,
@@ -23,6 +22,16 @@ from .errors import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_WORKER, EXIT_TIMEOUT, EXIT_BROKER = 0, 1, 2, 3, 4, 5
+
+#: Exit code of each error, most specific first (the first match wins).
+EXIT_CODES: tuple[tuple[type[PipeqError], int], ...] = (
+    (ValidationError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (NoWorkerError, EXIT_NO_WORKER),
+    (JobTimeout, EXIT_TIMEOUT),
+    (BrokerUnavailable, EXIT_BROKER),
+    (PipeqError, EXIT_FAILED),
+)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -108,24 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ValidationError, ConfigError) as exc:
-        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except NoWorkerError as exc:
-        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NO_WORKER
-    except JobTimeout as exc:
-        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except BrokerUnavailable as exc:
-        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BROKER
-    except JobFailed as exc:
-        print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except PipeqError as exc:
         print(f"pipeq {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
