@@ -21,9 +21,11 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
 from compare import assert_same
 from conftest import Deployment, WorkerProcess
 from fault_support import (
@@ -41,6 +43,7 @@ from fault_support import (
     wait_until,
     whereabouts,
 )
+from tiny_models import build_text_model
 
 from producer.client import Job, RemotePipeline
 from producer.errors import JobFailed
@@ -60,6 +63,18 @@ def dep(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
                             faults=f"slow_ms={SLOW_MS},crash_marker=BOOM")
     yield deployment
     deployment.close()
+
+
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> str:
+    """The tiny text-classification model."""
+    return str(build_text_model(TASK, models_dir))
+
+
+@pytest.fixture(scope="module")
+def local(model: str) -> Any:
+    """The local truth: transformers.pipeline() on the same model."""
+    return transformers.pipeline(TASK, model=model)
 
 
 @pytest.fixture(scope="module")
