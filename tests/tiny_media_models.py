@@ -16,15 +16,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tiny_models import build_once
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 from transformers import (
@@ -82,29 +80,12 @@ def build_media_model(task: str, root: pathlib.Path) -> pathlib.Path:
     """
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; expected one of {MEDIA_TASKS}")
-    root = pathlib.Path(root)
-    target = root / task
-    if (target / _DONE_MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root))
-    try:
+
+    def seeded(tmp: pathlib.Path) -> None:
         torch.manual_seed(SEED)
         _BUILDERS[task](tmp)
-        (tmp / _DONE_MARKER).write_text("ok\n")
-        tmp.chmod(0o755)
-        for child in tmp.iterdir():
-            child.chmod(0o644)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _DONE_MARKER).is_file():
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(task, root, seeded)
 
 
 # --- inputs ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,6 +96,15 @@ def build_text_model(task: str, root: pathlib.Path) -> pathlib.Path:
     """
     if task not in _BUILDERS:
         raise ValueError(f"unknown task {task!r}; expected one of {TEXT_TASKS}")
+    return build_once(task, root, _BUILDERS[task])
+
+
+def build_once(task: str, root: pathlib.Path, builder: Callable[[pathlib.Path], None]
+               ) -> pathlib.Path:
+    """Run ``builder`` into ``root/<task>`` once; later calls reuse the finished directory.
+
+    Idempotent and safe to call concurrently: a finished build is marked by a marker file.
+    """
     root = pathlib.Path(root)
     target = root / task
     if (target / _DONE_MARKER).is_file():
@@ -104,7 +114,7 @@ def build_text_model(task: str, root: pathlib.Path) -> pathlib.Path:
     # seen and concurrent builders (e.g. pytest-xdist workers) do not clobber each other.
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{task}-", dir=root))
     try:
-        _BUILDERS[task](tmp)
+        builder(tmp)
         (tmp / _DONE_MARKER).write_text("ok\n")
         # mkdtemp/safetensors make 0700/0600 entries; let other users (a container) read them.
         tmp.chmod(0o755)
