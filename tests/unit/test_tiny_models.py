@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import sys
 from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from tiny_models import TEXT_TASKS, build_text_model  # noqa: E402
+from tiny_models import TEXT_TASKS, build_text_model  # noqa: E402 - after the skips
 
 CALLS: dict[str, tuple[Any, dict[str, Any]]] = {
     "text-generation": ("hi", {"max_new_tokens": 5, "do_sample": False}),
