@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
 from .config import Settings
+from .transport import ringing_transport
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -32,6 +34,9 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # come back soon after the visibility timeout rather than up to 100 s later.
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
+        # pipeq sends no message priorities: one list per queue (kombu's default keeps four,
+        # and a worker would watch all of them).
+        "priority_steps": [0],
     }
     config: dict[str, Any] = {
         "broker_url": redis_url,
@@ -69,5 +74,8 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
 def make_celery(settings: Settings, redis_url: str | None = None) -> Celery:
     """A Celery app for this deployment (``redis_url`` defaults to the settings')."""
     app = Celery("pipeq", set_as_current=False)
-    app.conf.update(celery_config(settings, redis_url or settings.redis_url_value()))
+    url = redis_url or settings.redis_url_value()
+    app.conf.update(celery_config(settings, url))
+    # Publishing rings the route's doorbell that workers wait on (producer/transport.py).
+    app.conf.broker_transport = ringing_transport(urlsplit(url).scheme or "redis")
     return app

@@ -137,6 +137,16 @@ def now() -> float:
     return time.time()
 
 
+#: Suffix of a route's bulk-lane queue after its interactive queue's name.
+BULK_SUFFIX = ".bulk"
+
+
+def bell_of(queue: str) -> str:
+    """The doorbell list shared by a route's queues (both lanes), under the broker prefix:
+    non-empty while one of them may hold a message (producer/transport.py)."""
+    return queue.removesuffix(BULK_SUFFIX) + ".bell"
+
+
 class Keys:
     """Names of every Redis key and queue pipeq uses, derived from one prefix."""
 
@@ -155,7 +165,7 @@ class Keys:
 
     def bulk_queue(self, route: Route) -> str:
         """The Celery queue of a route's bulk chunks (the worker polls it after ``queue``)."""
-        return f"{self.queue(route)}.bulk"
+        return self.queue(route) + BULK_SUFFIX
 
     def bulk_queue_key(self, route: Route) -> str:
         """The Redis list holding a route's queued bulk chunks (under the broker prefix)."""

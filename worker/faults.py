@@ -9,11 +9,15 @@ Enabled only by the ``PIPEQ_FAULTS`` setting (never in production). A comma-sepa
 - ``transient=N``: the first N calls raise ConnectionError (must be retried);
 - ``slow_ms=N``: every call sleeps N ms first (long jobs, visibility timeout);
 - ``crash_marker=TEXT``: a call containing an input with TEXT kills the process (SIGKILL),
-  as a segfaulting model would.
+  as a segfaulting model would;
+- ``claim_crash_marker=TEXT``: a message whose job has TEXT kills the process (SIGKILL) the
+  instant it is taken off the queue, before Celery sees it (the window kombu's BRPOP had).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import threading
@@ -51,3 +55,15 @@ class FaultInjector:
         if above and len(items) > int(above):
             raise RuntimeError(
                 f"CUDA out of memory: batch of {len(items)} (injected above {above})")
+
+    def after_claim(self, item: bytes) -> None:
+        """Die, as configured, right after a message is taken off the queue."""
+        marker = self.options.get("claim_crash_marker")
+        if not marker:
+            return
+        try:
+            body = base64.b64decode(json.loads(item)["body"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if marker.encode() in body:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -19,6 +19,7 @@ from producer.registry import Registry
 
 from .app import build_app
 from .batcher import BatchPolicy, MicroBatcher
+from .claiming import unsupported_redis
 from .consumer import consumer_class
 from .faults import FaultInjector
 from .heartbeat import Heartbeat
@@ -82,6 +83,9 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     hostname = hostname or default_hostname(spec, device)
     client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=10,
                                   health_check_interval=10)
+    if (problem := unsupported_redis(client)) is not None:
+        log.error("worker not started: %s", problem)
+        return EXIT_USAGE
     metrics = WorkerMetrics(spec.route, spec.max_batch_size, device, client, settings.keys,
                             flush_s=settings.heartbeat_s)
     extra: dict[str, Any] = {}
@@ -110,7 +114,8 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
                "host": socket.gethostname(), **extra},
         probe=metrics.heartbeat_fields,
     )
-    app = build_app(settings, redis_url, service)
+    app = build_app(settings, redis_url, service,
+                    runner.faults.after_claim if runner.faults is not None else None)
     threads = concurrency or min(max(2 * spec.max_batch_size, 4), 256)
 
     def on_ready(sender: Any = None, **_: Any) -> None:

@@ -17,6 +17,9 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message
 
 from producer.deadletters import DeadLetters
+from producer.transport import RingingChannel, ringing_transport
+
+from .claiming import ClaimHook, ClaimingChannel
 
 log = logging.getLogger("pipeq.consumer")
 
@@ -44,20 +47,13 @@ class CheckedMessage(Message):
             raise NotAKombuMessage(payload, f"{type(exc).__name__}: {exc}") from None
 
 
-class _ShownAsScheme(type):
-    """Shows a transport class as its URL scheme (Celery logs "Connected to redis://...")."""
-
-    scheme = "redis"
-
-    def __str__(cls) -> str:
-        return cls.scheme
-
-
-def dead_lettering_transport(dead_letters: DeadLetters, scheme: str = "redis"
+def dead_lettering_transport(dead_letters: DeadLetters, scheme: str = "redis",
+                             on_claimed: ClaimHook | None = None
                              ) -> type[kombu_redis.Transport]:
-    """A Redis transport class whose channels dead-letter unparseable queue items."""
+    """A Redis transport class whose channels claim messages atomically
+    (worker/claiming.py) and dead-letter unparseable queue items."""
 
-    class DeadLetteringChannel(kombu_redis.Channel):
+    class DeadLetteringChannel(ClaimingChannel, RingingChannel):
         """kombu's Redis channel; a queue item it cannot parse becomes a dead letter."""
 
         Message = CheckedMessage
@@ -70,6 +66,7 @@ def dead_lettering_transport(dead_letters: DeadLetters, scheme: str = "redis"
             except NotAKombuMessage as exc:
                 raw = json.dumps(exc.payload).encode()
                 reason = f"queue item is not a kombu message ({exc})"
+                self._forget_claim(exc.payload)
             try:
                 entry = dead_letters.add(reason, raw=raw)
                 log.warning("dead letter %s: %s", entry.id, reason)
@@ -77,11 +74,14 @@ def dead_lettering_transport(dead_letters: DeadLetters, scheme: str = "redis"
                 log.exception("could not record a dead letter (%s)", reason)
             return True
 
-    class Transport(kombu_redis.Transport, metaclass=_ShownAsScheme):
-        """kombu's Redis transport with the dead-lettering channel."""
+        def _forget_claim(self, payload: Any) -> None:
+            """Drop the unacked entry of a claimed item that is being dead-lettered
+            (else the visibility timeout would restore it, to be dead-lettered again)."""
+            properties = payload.get("properties") if isinstance(payload, dict) else None
+            tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+            if isinstance(tag, str):
+                self.qos._remove_from_indices(tag).execute()
 
-        Channel = DeadLetteringChannel
+    DeadLetteringChannel.on_claimed = on_claimed
 
-    Transport.scheme = scheme
-
-    return Transport
+    return ringing_transport(scheme, DeadLetteringChannel)

@@ -11,8 +11,9 @@ timeout); a job started more than twice is a poison message.
 3. A job that kills every worker that runs it ends as PoisonMessage in the dead-letter list;
    ``pipeq dead requeue`` runs it again once a fixed worker serves the route.
 4. A job longer than the visibility timeout runs once (leases are renewed).
-5. (xfail, a known kombu limitation) A message a worker has popped off the queue but not
-   yet recorded as unacknowledged is lost if the worker is killed in that instant.
+5. A message is never popped without being recorded as unacknowledged in the same step:
+   a frozen waiting worker takes nothing, one killed the instant it takes a message loses
+   nothing.
 """
 
 from __future__ import annotations
@@ -299,33 +300,47 @@ def test_job_longer_than_the_visibility_timeout_runs_once(
     assert worker.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation of kombu's Redis transport: a worker takes a message off the queue "
-    "with BRPOP and records it as unacknowledged only afterwards; killed in between, the "
-    "message is in neither place and no visibility timeout brings it back"))
-def test_message_popped_by_a_killed_worker_is_not_lost(
-        dep: Deployment, model: str, remote: RemotePipeline) -> None:
-    """Freeze an idle worker (SIGSTOP) while its BRPOP is outstanding, so that it pops the
-    next message but cannot record it, then kill it: the job must still be recoverable."""
-    victim = fixed_worker(dep, model)
-    keys = dep.settings.keys
-    popped = None
-    for attempt in range(20):
-        time.sleep(0.1 * (attempt % 5))  # let it go back to waiting in BRPOP
-        victim.proc.send_signal(signal.SIGSTOP)
-        job = remote.submit(f"popped by a frozen worker {attempt}", timeout=600)
-        time.sleep(0.3)
-        queued = [json.loads(m)["headers"]["id"]
-                  for m in dep.redis.lrange(keys.queue_key(remote.route), 0, -1)]
-        if job.id not in queued:
-            popped = job
-            break
-        victim.proc.send_signal(signal.SIGCONT)
-    if popped is None:
-        victim.proc.send_signal(signal.SIGCONT)
-        pytest.skip("the worker never had a BRPOP outstanding when frozen")
-    victim.proc.kill()
-    victim.wait_exit(10)
-    place = whereabouts(dep, remote.route, [popped.id])[popped.id]
-    print(f"\nmessage popped by a worker killed before recording it: {place}")
-    assert not place.endswith("nowhere"), f"job {popped.id} is lost: {place}"
+def only_worker(dep: Deployment, model: str, **env: str) -> WorkerProcess:
+    """A fresh worker serving the route alone (the others are stopped)."""
+    for worker in live_workers(dep):
+        worker.stop()
+    return dep.start_worker(TASK, model, env=env or None)
+
+
+def test_frozen_waiting_worker_takes_no_message(
+        dep: Deployment, model: str, remote: RemotePipeline, local: Any) -> None:
+    """kombu's BRPOP took a message off the queue before recording it: a worker frozen
+    (SIGSTOP) while waiting took the next message with it, and killed then, lost it. pipeq's
+    worker waits without taking (BLMOVE queue->queue): the message stays queued."""
+    victim = only_worker(dep, model)
+    time.sleep(1.0)  # idle: waiting on the queue
+    victim.proc.send_signal(signal.SIGSTOP)
+    text = "sent while the only worker is frozen"
+    try:
+        job = remote.submit(text, timeout=600)
+        time.sleep(1.0)
+        place = whereabouts(dep, remote.route, [job.id])[job.id]
+        assert place.endswith("message queued"), place
+    finally:
+        victim.proc.kill()
+        victim.wait_exit(10)
+    serving(dep, model)
+    assert_same(job.result(timeout=60), local(text))
+    assert starts(dep, [job.id]) == [1]
+
+
+def test_worker_killed_the_instant_it_takes_a_message_loses_nothing(
+        dep: Deployment, model: str, remote: RemotePipeline, local: Any) -> None:
+    """The worker dies (SIGKILL, by fault injection) right after it took the message off
+    the queue, before Celery saw it: the one atomic claim already recorded it as
+    unacknowledged, so the visibility timeout gives it to the next worker, which runs it once."""
+    victim = only_worker(dep, model, PIPEQ_FAULTS="claim_crash_marker=CLAIMED")
+    text = "CLAIMED, then the worker died"
+    job = remote.submit(text, timeout=600)
+    victim.wait_exit(30)
+    assert victim.proc.returncode == -signal.SIGKILL
+    place = whereabouts(dep, remote.route, [job.id])[job.id]
+    assert place == "PENDING, started 0x, message held (unacked)", place
+    serving(dep, model)
+    assert_same(job.result(timeout=60), local(text))
+    assert starts(dep, [job.id]) == [1]

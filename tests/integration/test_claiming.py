@@ -1,0 +1,106 @@
+"""The worker's atomic claim (worker/claiming.py) against a real Redis and kombu itself."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer, Queue
+
+from producer.contract import Keys
+from producer.deadletters import DeadLetters
+from worker.claiming import CLAIM_SCRIPT, unsupported_redis
+from worker.transport import dead_lettering_transport
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    name = f"pipeq-claim-test-{uuid.uuid4().hex[:8]}:"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=name + "*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def connection(redis_url: str, prefix: str) -> Iterator[Connection]:
+    """A kombu connection through pipeq's worker transport, visibility timeout 0."""
+    client = redis.Redis.from_url(redis_url)
+    transport = dead_lettering_transport(DeadLetters(client, Keys(prefix.rstrip(":"))))
+    conn = Connection(redis_url, transport=transport, transport_options={
+        "global_keyprefix": prefix, "visibility_timeout": 0, "priority_steps": [0]})
+    yield conn
+    conn.release()
+
+
+def publish(conn: Connection, *bodies: str) -> None:
+    queue = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
+    producer = Producer(conn.default_channel, exchange=queue.exchange, routing_key="jobs")
+    for body in bodies:
+        producer.publish({"text": body}, declare=[queue], serializer="json")
+
+
+def test_claim_records_the_message_as_kombu_would_and_kombu_restores_it(
+        connection: Connection, prefix: str, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    publish(connection, "first", "second")
+    assert client.lrange(prefix + "jobs.bell", 0, -1) == [b"1"]  # rung, once
+    channel: Any = connection.default_channel
+
+    claimed = channel._get("jobs")  # the oldest, taken and recorded in one step
+    channel._get("jobs")
+    assert not client.exists(prefix + "jobs.bell")  # the queue is empty: silenced
+    assert client.llen(prefix + "jobs") == 0
+    tag = claimed["properties"]["delivery_tag"]
+    entry = json.loads(client.hget(prefix + "unacked", tag))
+    assert entry == [claimed, "jobs", "jobs"]  # kombu's QoS.append format: [raw, EX, RK]
+    claimed_at = client.zscore(prefix + "unacked_index", tag)
+    assert claimed_at is not None and abs(claimed_at - time.time()) < 5
+
+    # The worker "died" without acking: kombu's own restore puts the message back.
+    channel.qos.restore_visible()
+    assert client.hget(prefix + "unacked", tag) is None
+    assert client.llen(prefix + "jobs") == 2
+    restored = json.loads(client.lindex(prefix + "jobs", -1) or b"{}")
+    assert restored["properties"]["delivery_tag"] == tag
+    assert restored["headers"]["redelivered"] is True
+    assert client.exists(prefix + "jobs.bell")  # the restore rang the doorbell
+
+
+def test_claim_takes_queues_in_order_and_returns_non_messages_unrecorded(
+        redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    a, b = prefix + "a", prefix + "b"
+    bell = prefix + "bell"
+    client.lpush(b, "not json", "second-oldest of b")
+    client.lpush(bell, "1")
+    keys = [prefix + "unacked", prefix + "unacked_index", bell, a, b]
+
+    got = client.eval(CLAIM_SCRIPT, 5, *keys, repr(time.time()))
+    assert got == [b.encode(), b"not json"]  # a is empty; b's oldest (right end) first
+    assert client.hlen(prefix + "unacked") == 0  # nothing a restore could bring back
+    assert client.exists(bell)  # b still holds a message: waiting workers must not block
+    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0") == [b.encode(), b"second-oldest of b"]
+    assert not client.exists(bell)  # the queues are empty: silenced
+    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0") is None
+
+
+class FakeInfo:
+    def __init__(self, version: str):
+        self.version = version
+
+    def info(self, section: str) -> dict[str, str]:
+        return {"redis_version": self.version}
+
+
+def test_old_redis_is_refused_with_the_reason(redis_url: str) -> None:
+    assert unsupported_redis(redis.Redis.from_url(redis_url)) is None
+    assert unsupported_redis(FakeInfo("7.2.4")) is None
+    problem = unsupported_redis(FakeInfo("6.0.16"))
+    assert problem is not None and "Redis 6.0.16 is too old" in problem and ">= 6.2" in problem
