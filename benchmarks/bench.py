@@ -140,7 +140,8 @@ def naive_row(redis_url: str, model: str, texts: list[str], producers: int, work
 
 
 def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, list_size: int,
-               batch: int, workdir: Path, local_latencies: list[float]) -> list[dict[str, Any]]:
+               batch: int, workdir: Path, local_latencies: list[float],
+               more_producers: int = 0) -> list[dict[str, Any]]:
     """pipeq single-request jobs, list jobs and light-load latency."""
     from producer import pipeline
     from producer.config import Settings
@@ -160,6 +161,10 @@ def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, lis
         seconds, latencies = concurrent(texts, producers, lambda t: remote(t))
         rows.append(row(f"pipeq single-request jobs, {producers} producers", len(texts), seconds,
                         latencies))
+        if more_producers:  # more requests in flight: bigger pools to sort and batch
+            seconds, latencies = concurrent(texts, more_producers, lambda t: remote(t))
+            rows.append(row(f"pipeq single-request jobs, {more_producers} producers",
+                            len(texts), seconds, latencies))
         chunks = [texts[i:i + list_size] for i in range(0, len(texts), list_size)]
         list_producers = max(1, min(4, len(chunks)))
         seconds, latencies = concurrent(chunks, list_producers, lambda c: remote(c))  # type: ignore[arg-type,return-value]
@@ -185,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--producers", type=int, default=16)
+    parser.add_argument("--more-producers", type=int, default=64,
+                        help="also a single-request row with this many producers (0: none)")
     parser.add_argument("--list-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--model", help="model dir (default: the bundled all-MiniLM-L6-v2)")
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_naive:
             rows.append(naive_row(redis_url, args.model, texts, args.producers, workdir))
         rows += pipeq_rows(redis_url, args.model, texts, args.producers, args.list_size,
-                           args.batch, workdir, local_latencies)
+                           args.batch, workdir, local_latencies, args.more_producers)
     finally:
         redis_proc.terminate()
     limit = rows[1]["req_per_s"]

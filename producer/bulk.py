@@ -146,13 +146,16 @@ class ChunkScheduler:
     the job ids for a later resume); ``attach`` maps chunk numbers to the ``(job id, offsets)``
     pairs a previous run left, to re-attach to instead of sending the inputs again.
     ``lane="interactive"`` sends the chunks as ordinary jobs (the benchmark's control run).
+    ``progress`` says how far the whole job is; each chunk job carries it into Flower (as its
+    arguments), so Flower's task list, searched for the bulk id, follows the job.
     """
 
     def __init__(self, remote: RemotePipeline, params: dict[str, Any], *, max_in_flight: int = 8,
                  timeout: float | None = None, should_stop: Callable[[], bool] | None = None,
                  on_pieces: PiecesChanged | None = None,
                  attach: dict[int, list[tuple[str, list[int]]]] | None = None,
-                 cancel_on_close: bool = True, check_s: float = 1.0, lane: Lane = "bulk"):
+                 cancel_on_close: bool = True, check_s: float = 1.0, lane: Lane = "bulk",
+                 progress: Callable[[], str] | None = None):
         if max_in_flight < 1:
             raise ValidationError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.remote = remote
@@ -166,6 +169,7 @@ class ChunkScheduler:
         self.cancel_on_close = cancel_on_close
         self.check_s = check_s
         self.lane: Lane = lane
+        self.progress = progress or (lambda: "map()")
         self.stats = BulkStats()
         self.stopped = False
         self._window: deque[Chunk] = deque()
@@ -271,7 +275,9 @@ class ChunkScheduler:
             return
         future = self.client.waiter.watch(request.job_id)
         chunk.pieces.append(Piece(offsets, request.job_id, future, attempts, request.deadline))
-        self.client.send(request)
+        first = chunk.start + offsets[0]
+        self.client.send(request, summary=(
+            f"{self.progress()} | chunk {chunk.number}: {len(offsets)} input(s) from #{first}"))
 
     def _valid(self, chunk: Chunk, offset: int) -> bool:
         try:

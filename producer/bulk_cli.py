@@ -222,7 +222,9 @@ class BulkRun:
         scheduler = ChunkScheduler(
             self.remote, self.params, max_in_flight=self.args.max_in_flight,
             timeout=self.args.timeout, should_stop=self._cancel_requested,
-            on_pieces=self._persist_pieces, attach=attach, cancel_on_close=False)
+            on_pieces=self._persist_pieces, attach=attach, cancel_on_close=False,
+            progress=lambda: (f"bulk {self.bulk_id}: {self.answered}/{self.total} answered, "
+                              f"{self.failed} failed"))
         records = read_records(self.args.input, self.fmt, field=self.args.field,
                                column=self.args.column)
         chunks = self._chunks(records, done.answered)

@@ -108,8 +108,11 @@ class Client:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def send(self, request: JobRequest) -> None:
+    def send(self, request: JobRequest, summary: str | None = None) -> None:
         """Publish a job message onto its route's queue (bounded retry, then BrokerUnavailable).
+
+        ``summary``: what Flower shows as the job's arguments (default: the input count and
+        parameter names; never the inputs themselves).
 
         Claim-checked media payloads are stored first, in one round trip, expiring a little
         after the job's deadline; the worker deletes them when the job ends.
@@ -130,7 +133,8 @@ class Client:
                 retry=True,
                 # Flower shows this instead of the inputs: they may be private, and large.
                 argsrepr="()",
-                kwargsrepr=f"<{len(request.inputs)} input(s), params {sorted(request.params)}>",
+                kwargsrepr=summary or (
+                    f"<{len(request.inputs)} input(s), params {sorted(request.params)}>"),
             )
         except (kombu.exceptions.OperationalError, redis.ConnectionError, redis.TimeoutError,
                 OSError) as exc:
@@ -153,6 +157,9 @@ class Job:
         self.client = client
         self.id = job_id
         self.route = route
+        #: Watched since before its message was sent: its end cannot have been missed, so
+        #: ``result()`` need not read the record first.
+        self.watched_from_start = False
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, route={self.route.describe() if self.route else None!r})"
@@ -174,9 +181,10 @@ class Job:
         """
         wait = _wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
-        record = self.client.call_redis(lambda: self.client.store.get(self.id))
-        if record is not None and record.state.is_final:
-            self.client.waiter.resolve(record)
+        if not self.watched_from_start:
+            record = self.client.call_redis(lambda: self.client.store.get(self.id))
+            if record is not None and record.state.is_final:
+                self.client.waiter.resolve(record)
         try:
             return outcome(future.result(timeout=wait))
         except FutureTimeout:
@@ -190,10 +198,11 @@ class Job:
         """The result, awaited without blocking the event loop."""
         wait = _wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
-        record = await asyncio.to_thread(self.client.call_redis,
-                                         lambda: self.client.store.get(self.id))
-        if record is not None and record.state.is_final:
-            self.client.waiter.resolve(record)
+        if not self.watched_from_start:
+            record = await asyncio.to_thread(self.client.call_redis,
+                                             lambda: self.client.store.get(self.id))
+            if record is not None and record.state.is_final:
+                self.client.waiter.resolve(record)
         try:
             return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
         except TimeoutError:
@@ -252,11 +261,11 @@ class RemotePipeline:
 
     def __call__(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
         """Run ``inputs`` remotely and return what the local pipeline would return."""
-        return self.submit(inputs, timeout=timeout, **params).result(timeout)
+        return self.submit(inputs, timeout=timeout, _watch=True, **params).result(timeout)
 
     def submit(self, inputs: Any, *, timeout: float | None = None,
                require_worker: bool | None = None, idempotency_key: str | None = None,
-               **params: Any) -> Job:
+               _watch: bool = False, **params: Any) -> Job:
         """Enqueue a job and return its handle at once.
 
         ``timeout`` (seconds, default ``default_timeout_s``) is the job's deadline: a job
@@ -272,9 +281,14 @@ class RemotePipeline:
             if existing is not None:
                 return Job(self.client, existing, self.route)
         job = Job(self.client, request.job_id, self.route)
+        if _watch:  # the caller waits for the result: watch before it can arrive
+            self.client.waiter.watch(job.id)
+            job.watched_from_start = True
         try:
             self.client.send(request)
         except BaseException:
+            if _watch:
+                self.client.waiter.forget(job.id)
             if idempotency_key is not None:  # nothing was enqueued: free the key again
                 self.client.redis.delete(self.client.keys.idempotency(idempotency_key))
             raise
@@ -295,7 +309,8 @@ class RemotePipeline:
 
     async def asubmit(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
         """Submit and await the result without blocking the event loop."""
-        job = await asyncio.to_thread(self.submit, inputs, timeout=timeout, **params)
+        job = await asyncio.to_thread(self.submit, inputs, timeout=timeout, _watch=True,
+                                      **params)
         return await job.aresult(timeout)
 
     acall = asubmit

@@ -15,15 +15,21 @@ visibility timeout like any other unacknowledged message. Requires Redis >= 6.2 
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from queue import Empty
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import ResponseError
 
 from producer.contract import bell_of
+
+log = logging.getLogger("pipeq.consumer")
 
 # KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] the queues' doorbell
 # (producer/transport.py), KEYS[4..] queue lists in the order to serve.
@@ -34,6 +40,7 @@ from producer.contract import bell_of
 # returned unrecorded: the transport dead-letters it and nothing would ever restore it.
 CLAIM_SCRIPT = """
 local taken = false
+local recorded = 0
 for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
@@ -47,9 +54,10 @@ for i = 4, #KEYS do
           '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
           .. cjson.encode(info.routing_key) .. ']')
         redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        recorded = 1
       end
     end
-    taken = {KEYS[i], item}
+    taken = {KEYS[i], item, recorded}
     break
   end
 end
@@ -88,6 +96,73 @@ class ClaimHook(Protocol):
     def __call__(self, item: bytes) -> None: ...
 
 
+class AckFlusher:
+    """Removes acknowledged messages from kombu's unacked hash and index, many per round trip.
+
+    kombu sends one MULTI(ZREM, HDEL) per acknowledged message, from the pool thread that
+    ran the job. Here acks of a batch's jobs, which end together, share one. Deferring the
+    removal is safe: until it happens a dead worker's acknowledged message could only be
+    restored and delivered again, and a job whose record is final is not run again.
+    """
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+        self._tags: list[str] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, delivery_tag: str) -> None:
+        """Remove ``delivery_tag``'s unacked record soon."""
+        with self._ready:
+            self._tags.append(delivery_tag)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pipeq-acks",
+                                                daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def flush(self) -> None:
+        """Remove every pending record now (at close)."""
+        with self._ready:
+            tags, self._tags = self._tags, []
+        if tags:
+            self._remove(tags)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._tags:
+                    self._ready.wait()
+                tags, self._tags = self._tags, []
+            try:
+                self._remove(tags)
+            except Exception as exc:  # Redis away: keep them for the next round
+                log.warning("could not acknowledge %d message(s) yet: %s", len(tags), exc)
+                with self._ready:
+                    self._tags[:0] = tags
+                time.sleep(0.5)
+
+    def _remove(self, tags: list[str]) -> None:
+        qos = self.channel.qos
+        with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+
+
+class ClaimedQoS(kombu_redis.QoS):
+    """kombu's QoS, not writing the unacked record a claim wrote already, and removing
+    acknowledged ones in batches (AckFlusher): two round trips and Redis clients a job."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.channel.recorded_claims:
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel.acks.add(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+
 class ClaimingChannel:
     """Mixin for kombu's Redis ``Channel``: wait with BLMOVE, take with the claim script.
 
@@ -111,11 +186,31 @@ class ClaimingChannel:
     _brpop_sent_at: Any
     connection_errors: tuple[type[BaseException], ...]
 
+    #: Delivery tags being delivered whose unacked record the claim wrote (ClaimedQoS).
+    recorded_claims: set[str]
+    #: Removes the unacked records of acknowledged messages in batches.
+    acks: AckFlusher
     #: Fault injection: called with every claimed item before delivery.
     on_claimed: ClaimHook | None = None
     #: The next command: claim (True) or wait (False).
     _claim_next = True
     _pending: str = ""
+
+    QoS = ClaimedQoS
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.recorded_claims = set()
+        self.acks = AckFlusher(self)
+        super().__init__(*args, **kwargs)
+
+    def close(self) -> None:
+        """Remove the records of acknowledged messages, then close as kombu does."""
+        try:
+            self.acks.flush()
+        except Exception:  # Redis away: they are restored later and not run again
+            log.warning("could not remove the records of acknowledged messages at close",
+                        exc_info=True)
+        super().close()  # type: ignore[misc]
 
     if TYPE_CHECKING:  # kombu's Channel has these; a stub here would shadow them
         def _q_for_pri(self, queue: str, pri: int) -> str: ...
@@ -169,17 +264,23 @@ class ClaimingChannel:
             if not reply:
                 self._claim_next = False
                 raise Empty()
-            return self._deliver_claimed(reply[0], reply[1])
+            return self._deliver_claimed(reply[0], reply[1], bool(reply[2]))
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _deliver_claimed(self, key: bytes, item: bytes) -> bool:
+    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> bool:
         queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         if self.on_claimed is not None:
             self.on_claimed(item)
-        self.connection._deliver(loads(bytes_to_str(item)), queue)
+        payload = loads(bytes_to_str(item))
+        if recorded:  # QoS.append need not write the unacked record again
+            self.recorded_claims.add(payload["properties"]["delivery_tag"])
+        try:
+            self.connection._deliver(payload, queue)
+        finally:
+            self.recorded_claims.clear()
         return True
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:

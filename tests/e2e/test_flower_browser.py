@@ -199,3 +199,35 @@ def test_dashboard_shows_the_worker_online_and_our_route_s_finished_job(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     if os.environ.get("PIPEQ_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(shot, ROOT / "docs" / "flower.png")
+
+
+@needs_chromium
+def test_bulk_job_progress_shows_in_flower(flower: FlowerSite, tmp_path: Path) -> None:
+    """Each chunk job of ``pipeq bulk`` carries the bulk id and how far the whole job was
+    when it was sent: Flower's task list, searched for the bulk id, follows the job."""
+    source = tmp_path / "reviews.txt"
+    source.write_text("".join(f"review {i}: the food was great\n" for i in range(12)))
+    bulk = flower.dep.cli("bulk", "--task", TASK, "--model", flower.model, "--input",
+                          str(source), "--output", str(tmp_path / "out.jsonl"), "--id",
+                          "reviews-flower", "--chunk-size", "4", "--max-in-flight", "1",
+                          "--quiet")
+    assert bulk.returncode == 0, bulk.stderr
+
+    def chunk_jobs() -> dict[str, str]:
+        return {str(t.get("kwargs")): job_id for job_id, t in flower.api("/api/tasks").items()
+                if "reviews-flower" in str(t.get("kwargs")) and t.get("state") == "SUCCESS"}
+
+    deadline = time.monotonic() + 30
+    while len(chunk_jobs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    jobs = chunk_jobs()
+    assert sorted(jobs) == [
+        "bulk reviews-flower: 0/12 answered, 0 failed | chunk 0: 4 input(s) from #0",
+        "bulk reviews-flower: 4/12 answered, 0 failed | chunk 1: 4 input(s) from #4",
+        "bulk reviews-flower: 8/12 answered, 0 failed | chunk 2: 4 input(s) from #8",
+    ]
+    # The task page an operator opens from the list shows it too.
+    last = jobs["bulk reviews-flower: 8/12 answered, 0 failed | chunk 2: 4 input(s) from #8"]
+    page = render_until(flower, f"/task/{last}", tmp_path,
+                        lambda text: "8/12 answered" in text)
+    assert "bulk reviews-flower: 8/12 answered, 0 failed | chunk 2" in page, page[:2000]

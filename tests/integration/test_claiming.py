@@ -83,10 +83,10 @@ def test_claim_takes_queues_in_order_and_returns_non_messages_unrecorded(
     keys = [prefix + "unacked", prefix + "unacked_index", bell, a, b]
 
     got = client.eval(CLAIM_SCRIPT, 5, *keys, repr(time.time()))
-    assert got == [b.encode(), b"not json"]  # a is empty; b's oldest (right end) first
+    assert got == [b.encode(), b"not json", 0]  # a is empty; b's oldest (right end) first
     assert client.hlen(prefix + "unacked") == 0  # nothing a restore could bring back
     assert client.exists(bell)  # b still holds a message: waiting workers must not block
-    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0") == [b.encode(), b"second-oldest of b"]
+    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0") == [b.encode(), b"second-oldest of b", 0]
     assert not client.exists(bell)  # the queues are empty: silenced
     assert client.eval(CLAIM_SCRIPT, 5, *keys, "0") is None
 
