@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .cache import MISS, ResultCache
 from .contract import JobState, Lane
 from .errors import JobFailed, ValidationError
 from .params import validate_params
@@ -101,6 +102,8 @@ class Chunk:
     pieces: list[Piece] = field(default_factory=list)
     #: Set when the chunk will not be completed (the bulk job was cancelled).
     aborted: bool = False
+    #: Offsets answered from the result cache (not to be stored in it again).
+    cached: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.answers:
@@ -133,6 +136,7 @@ class BulkStats:
     resent: int = 0
     split: int = 0
     reattached: int = 0
+    cache_hits: int = 0
 
 
 PiecesChanged = Callable[[Chunk], None]
@@ -148,6 +152,7 @@ class ChunkScheduler:
     ``lane="interactive"`` sends the chunks as ordinary jobs (the benchmark's control run).
     ``progress`` says how far the whole job is; each chunk job carries it into Flower (as its
     arguments), so Flower's task list, searched for the bulk id, follows the job.
+    ``cache``: answer inputs from it where it can, and keep the computed answers in it.
     """
 
     def __init__(self, remote: RemotePipeline, params: dict[str, Any], *, max_in_flight: int = 8,
@@ -155,7 +160,7 @@ class ChunkScheduler:
                  on_pieces: PiecesChanged | None = None,
                  attach: dict[int, list[tuple[str, list[int]]]] | None = None,
                  cancel_on_close: bool = True, check_s: float = 1.0, lane: Lane = "bulk",
-                 progress: Callable[[], str] | None = None):
+                 progress: Callable[[], str] | None = None, cache: ResultCache | None = None):
         if max_in_flight < 1:
             raise ValidationError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.remote = remote
@@ -170,6 +175,7 @@ class ChunkScheduler:
         self.check_s = check_s
         self.lane: Lane = lane
         self.progress = progress or (lambda: "map()")
+        self.cache = cache
         self.stats = BulkStats()
         self.stopped = False
         self._window: deque[Chunk] = deque()
@@ -194,6 +200,7 @@ class ChunkScheduler:
                     self._window.append(chunk)
                 if self._window and self._window[0].complete:
                     chunk = self._window.popleft()
+                    self._keep_answers(chunk)
                     yield chunk
                     # Handed over (for `pipeq bulk`: written and fsynced): its job records
                     # need not wait out the result TTL, so Redis holds only chunks in flight.
@@ -249,9 +256,27 @@ class ChunkScheduler:
         known = self.attach.pop(chunk.number, None)
         if known:
             self._reattach(chunk, known)
+        elif self.cache is not None:
+            self._answer_from_cache(chunk)
         self._send_uncovered(chunk)
         self.stats.chunks_sent += 1
         self._changed(chunk)
+
+    def _answer_from_cache(self, chunk: Chunk) -> None:
+        assert self.cache is not None
+        for offset, answer in enumerate(self.cache.get_many(chunk.items)):
+            if answer is not MISS:
+                chunk.answers[offset] = answer
+                chunk.cached.add(offset)
+        self.stats.cache_hits += len(chunk.cached)
+
+    def _keep_answers(self, chunk: Chunk) -> None:
+        if self.cache is None or chunk.aborted:
+            return
+        fresh = [o for o, a in enumerate(chunk.answers)
+                 if o not in chunk.cached and a is not MISSING and not isinstance(a, ItemError)]
+        if fresh:
+            self.cache.put_many([chunk.items[o] for o in fresh], [chunk.answers[o] for o in fresh])
 
     def _send_uncovered(self, chunk: Chunk) -> None:
         """Send the unanswered inputs no job of the chunk is running for."""
@@ -439,6 +464,13 @@ def chunked(inputs: Iterable[Any], chunk_size: int, first_number: int = 0) -> It
         yield Chunk(number, number * chunk_size, items)
 
 
+def result_cache(remote: RemotePipeline, params: dict[str, Any]) -> ResultCache:
+    """The result cache of ``remote``'s route with ``params``."""
+    client = remote.client
+    return ResultCache(client.redis, client.keys, remote.route, params,
+                       client.settings.result_ttl_s)
+
+
 def check_bulk_options(remote: RemotePipeline, chunk_size: int, max_in_flight: int,
                        params: dict[str, Any]) -> dict[str, Any]:
     """Validate a bulk job's options and call parameters; returns the clean parameters."""
@@ -454,7 +486,7 @@ def check_bulk_options(remote: RemotePipeline, chunk_size: int, max_in_flight: i
 
 def map_inputs(remote: RemotePipeline, inputs: Iterable[Any], *, chunk_size: int = 64,
                max_in_flight: int = 8, on_error: str = "raise", timeout: float | None = None,
-               **params: Any) -> Iterator[Any]:
+               cache: bool = False, **params: Any) -> Iterator[Any]:
     """Results of ``remote`` for every input of ``inputs``, in input order, as they arrive.
 
     Options and parameters are checked at once (ValidationError), and so is a live worker
@@ -462,12 +494,15 @@ def map_inputs(remote: RemotePipeline, inputs: Iterable[Any], *, chunk_size: int
     what the local pipeline's list call returns for that input. ``on_error="raise"`` raises
     the first failed input's JobFailed when its turn comes; ``"record"`` yields an
     :class:`ItemError` in its place. Closing the generator early cancels the chunks in flight.
+    ``cache=True``: inputs answered within the result TTL for the same route and parameters
+    are not run again (producer.cache).
     """
     if on_error not in ("raise", "record"):
         raise ValidationError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     clean = check_bulk_options(remote, chunk_size, max_in_flight, params)
     remote._check_workers(None)
-    scheduler = ChunkScheduler(remote, clean, max_in_flight=max_in_flight, timeout=timeout)
+    scheduler = ChunkScheduler(remote, clean, max_in_flight=max_in_flight, timeout=timeout,
+                               cache=result_cache(remote, clean) if cache else None)
     return _answers(scheduler, chunked(inputs, chunk_size), on_error)
 
 

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import redis
 
-from .bulk import MISSING, Chunk, ChunkScheduler, ItemError, check_bulk_options
+from .bulk import MISSING, Chunk, ChunkScheduler, ItemError, check_bulk_options, result_cache
 from .bulk_io import (
     BAD_INPUT,
     FORMATS,
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--on-error", choices=("record", "fail"), default="record",
                         help="a failed input: record its error in the output, or stop")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable line")
+    parser.add_argument("--cache", action="store_true",
+                        help="answer inputs already answered within PIPEQ_RESULT_TTL_S (same "
+                        "route and parameters) from Redis instead of running them again")
     parser.add_argument("--id", dest="bulk_id", help="bulk job id (default: derived)")
     parser.add_argument("--no-require-worker", action="store_true",
                         help="start even if no live worker serves the route yet")
@@ -223,6 +226,7 @@ class BulkRun:
             self.remote, self.params, max_in_flight=self.args.max_in_flight,
             timeout=self.args.timeout, should_stop=self._cancel_requested,
             on_pieces=self._persist_pieces, attach=attach, cancel_on_close=False,
+            cache=result_cache(self.remote, self.params) if self.args.cache else None,
             progress=lambda: (f"bulk {self.bulk_id}: {self.answered}/{self.total} answered, "
                               f"{self.failed} failed"))
         records = read_records(self.args.input, self.fmt, field=self.args.field,
@@ -357,6 +361,7 @@ class BulkRun:
             "inputs_per_s": round(session / seconds, 1) if seconds > 0 else None,
             "chunks_resent": scheduler.stats.resent, "chunks_split": scheduler.stats.split,
             "jobs_reattached": scheduler.stats.reattached,
+            "cache_hits": scheduler.stats.cache_hits,
             "peak_rss_mb": peak_rss_mb(),
         }
         if self.args.json:
@@ -365,7 +370,9 @@ class BulkRun:
         print(f"bulk {self.bulk_id}: {self.answered} of {self.total} inputs answered "
               f"({self.failed} failed, {self.bad_lines} unreadable lines) in {seconds:.1f}s, "
               f"{summary['inputs_per_s']} inputs/s; output {self.args.output}; "
-              f"peak RSS {summary['peak_rss_mb']} MB")
+              f"peak RSS {summary['peak_rss_mb']} MB"
+              + (f"; {scheduler.stats.cache_hits} answered from the cache"
+                 if self.args.cache else ""))
 
 
 def peak_rss_mb() -> float:

@@ -316,20 +316,21 @@ class RemotePipeline:
     acall = asubmit
 
     def map(self, inputs: Iterable[Any], *, chunk_size: int = 64, max_in_flight: int = 8,
-            on_error: str = "raise", timeout: float | None = None, **params: Any
-            ) -> Iterator[Any]:
+            on_error: str = "raise", timeout: float | None = None, cache: bool = False,
+            **params: Any) -> Iterator[Any]:
         """Run every input of ``inputs`` (any iterable, read lazily); yield results in order.
 
         Inputs travel in chunks of ``chunk_size`` (one bulk-lane job each), with at most
         ``max_in_flight`` chunks submitted and not yet consumed. Each result is what the
         local pipeline's list call gives for that input. A failing input raises JobFailed
         when its turn comes (``on_error="raise"``) or is yielded as a ``producer.bulk.ItemError``
-        (``on_error="record"``). See ``producer.bulk.map_inputs``.
+        (``on_error="record"``). ``cache=True`` answers inputs already answered within the
+        result TTL (same route and parameters) from Redis. See ``producer.bulk.map_inputs``.
         """
         from .bulk import map_inputs  # the bulk engine is only loaded by those who use it
 
         return map_inputs(self, inputs, chunk_size=chunk_size, max_in_flight=max_in_flight,
-                          on_error=on_error, timeout=timeout, **params)
+                          on_error=on_error, timeout=timeout, cache=cache, **params)
 
     def job(self, job_id: str) -> Job:
         """A handle on an earlier job of this route, by id."""

@@ -227,6 +227,10 @@ class Keys:
         """Maps a caller's idempotency key to the job id it created."""
         return f"{self.prefix}:idem:{key}"
 
+    def cache(self, digest: str) -> str:
+        """A bulk result-cache entry: the answer to one input of a route (producer.cache)."""
+        return f"{self.prefix}:cache:{digest}"
+
     def payload(self, job_id: str, part: int) -> str:
         """A job's claim-checked media payload (raw bytes); deleted when the job ends."""
         return f"{self.prefix}:payload:{job_id}:{part}"

@@ -255,6 +255,41 @@ def test_per_input_failures_are_recorded_or_stop_the_job(
     assert _count_lines(stopped) == 0
 
 
+def test_result_cache_answers_repeated_inputs_without_running_them(
+        module_deployment: Deployment, served: dict[str, str], tmp_path: Path) -> None:
+    dep = module_deployment
+    model = served["fill-mask"]
+    texts = [f"paris is the [MASK] of spain {i}" if i % 5 else f"no mask here {i}"
+             for i in range(40)]
+    source = _write_text(tmp_path / "cached.txt", texts)
+
+    def run(name: str, *extra: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        out = tmp_path / f"{name}.jsonl"
+        code, stdout, stderr = _finish(_bulk(
+            dep, "--task", "fill-mask", "--model", model, "--input", str(source), "--output",
+            str(out), "--id", f"cache-{name}", "--chunk-size", "8", "--cache", "--json", *extra))
+        assert code == 0, stderr
+        return _summary(stdout), _lines(out)
+
+    first, computed = run("first", "--param", "top_k=2")
+    assert first["cache_hits"] == 0 and first["failed"] == 8
+    local = transformers.pipeline("fill-mask", model=model)
+    for i, line in enumerate(computed):
+        if i % 5:
+            assert_same(line["result"], local(texts[i], top_k=2))
+    second, repeated = run("second", "--param", "top_k=2")
+    assert second["cache_hits"] == 32  # every answer; failed inputs are run (and fail) again
+    assert repeated == computed
+    other, _ = run("other-params", "--param", "top_k=3")
+    assert other["cache_hits"] == 0  # other parameters: other answers
+    assert len(dep.keys("*:cache:*")) == 64
+
+    remote = dep.remote("fill-mask", model)
+    mapped = list(remote.map(texts, chunk_size=8, cache=True, top_k=2, on_error="record"))
+    assert [m for i, m in enumerate(mapped) if i % 5] == [
+        line["result"] for i, line in enumerate(computed) if i % 5]
+
+
 def test_cancel_stops_the_job_and_resume_finishes_it(
         module_deployment: Deployment, served: dict[str, str], tmp_path: Path) -> None:
     total = 3000
