@@ -255,6 +255,7 @@ class RemotePipeline:
         self.client = client
         self.task = route.task
         self.model = route.model
+        self._worker_seen_at = -1e9
 
     def __repr__(self) -> str:
         return f"RemotePipeline({self.route.describe()})"
@@ -369,7 +370,13 @@ class RemotePipeline:
         required = self.client.settings.require_worker if require_worker is None else require_worker
         if not required:
             return
+        # A live worker seen less than a heartbeat ago is still taken as live: the registry
+        # itself is that stale, and asking on every submit cost a round trip per job.
+        if time.monotonic() - self._worker_seen_at < self.client.settings.heartbeat_s:
+            return
         live = self.client.call_redis(lambda: self.client.registry.live_count(self.route))
+        if live > 0:
+            self._worker_seen_at = time.monotonic()
         if live == 0:
             raise NoWorkerError(
                 f"no live worker serves route {self.route.describe()}. Start one with "
