@@ -34,6 +34,7 @@ from fault_support import (
     queue_length,
     starts,
     stored_count,
+    unacked_count,
     wait_until,
 )
 from tiny_models import build_text_model
@@ -417,6 +418,8 @@ def raw_items(served: Served) -> list[tuple[str, bytes | dict[str, Any], str]]:
 def test_bad_input_corpus(served: Served) -> None:
     table: list[tuple[str, str]] = []
     client = served.remote.client
+    # The fixture's early job (queued before the worker started) must not land mid-count.
+    served.remote.job(served.early_ids[0]).result(timeout=60)
     jobs_before = served.dep.keys(":job:*")
     length_before = queue_length(served.dep, served.remote.route)
 
@@ -478,6 +481,9 @@ def test_bad_input_corpus(served: Served) -> None:
     assert served.worker.proc.poll() is None
     served.good_job("a good job after the whole corpus")
     assert "Unrecoverable error" not in served.worker.log()
+    # No message is left recorded as held: a dead letter's record would be restored (and
+    # dead-lettered again) after every visibility timeout.
+    wait_until(lambda: unacked_count(served.dep) == 0, 10, "the unacked records to clear")
 
 
 # --- idempotency ---------------------------------------------------------------------------
