@@ -1,9 +1,10 @@
 """`make bench`: pipeq against the in-process limit and the naive Celery pattern.
 
 Same machine, same run, same inputs (all-MiniLM-L6-v2 feature-extraction, sentences of
-4-48 words). Rows: in-process sequential; in-process batched (sorted by length); the naive
-Celery baseline (one task per request, one pipeline call per task); pipeq single-request
-jobs from concurrent producers; pipeq list jobs; and light load (one request at a time:
+4-48 words). Rows: in-process sequential; in-process batched (sorted by length); the
+closed-loop ceiling for the producers; the naive Celery baseline (one task per request, one
+pipeline call per task); pipeq single-request jobs from concurrent producers; pipeq list
+jobs; a pipeq bulk job (``map()``, the bulk lane); and light load (one request at a time:
 p50 latency added over the in-process single call). Prints requests/s, p50/p99 latency and
 each row's ratio to the in-process batched row; writes the rows to a JSON file.
 """
@@ -187,6 +188,10 @@ def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, lis
         seconds, latencies = concurrent(chunks, list_producers, lambda c: remote(c))  # type: ignore[arg-type,return-value]
         rows.append(row(f"pipeq list jobs ({list_size} inputs/job, {list_producers} producers)",
                         len(texts), seconds, latencies))
+        started = time.perf_counter()
+        done = sum(1 for _ in remote.map(texts, chunk_size=list_size, max_in_flight=8))
+        rows.append(row(f"pipeq bulk map() ({list_size} inputs/chunk, 8 in flight)", done,
+                        time.perf_counter() - started, [time.perf_counter() - started]))
         light = texts[:200]
         lat = []
         for text in light:
