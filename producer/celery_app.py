@@ -34,6 +34,11 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # come back soon after the visibility timeout rather than up to 100 s later.
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
         "unacked_restore_throttle": 1,
+        # The restore sweep holds a Redis mutex for a few ms; kombu lets it expire after 300 s,
+        # so a worker killed while holding it stopped every restore for 5 minutes (seen as a
+        # flaky fault test). Concurrent sweeps are safe anyway (each restore is a WATCH
+        # transaction on the unacked hash).
+        "unacked_mutex_expire": 10,
         # pipeq sends no message priorities: one list per queue (kombu's default keeps four,
         # and a worker would watch all of them).
         "priority_steps": [0],
