@@ -153,7 +153,7 @@ class ClaimedQoS(kombu_redis.QoS):
     acknowledged ones in batches (AckFlusher): two round trips and Redis clients a job."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if delivery_tag in self.channel.recorded_claims:
+        if delivery_tag == self.channel.recorded_claim:
             virtual.QoS.append(self, message, delivery_tag)
         else:
             super().append(message, delivery_tag)
@@ -186,8 +186,8 @@ class ClaimingChannel:
     _brpop_sent_at: Any
     connection_errors: tuple[type[BaseException], ...]
 
-    #: Delivery tags being delivered whose unacked record the claim wrote (ClaimedQoS).
-    recorded_claims: set[str]
+    #: The delivery tag being delivered, when the claim wrote its unacked record (ClaimedQoS).
+    recorded_claim: str | None = None
     #: Removes the unacked records of acknowledged messages in batches.
     acks: AckFlusher
     #: Fault injection: called with every claimed item before delivery.
@@ -199,7 +199,6 @@ class ClaimingChannel:
     QoS = ClaimedQoS
 
     def __init__(self, *args: Any, **kwargs: Any):
-        self.recorded_claims = set()
         self.acks = AckFlusher(self)
         super().__init__(*args, **kwargs)
 
@@ -276,11 +275,11 @@ class ClaimingChannel:
             self.on_claimed(item)
         payload = loads(bytes_to_str(item))
         if recorded:  # QoS.append need not write the unacked record again
-            self.recorded_claims.add(payload["properties"]["delivery_tag"])
+            self.recorded_claim = payload["properties"]["delivery_tag"]
         try:
             self.connection._deliver(payload, queue)
         finally:
-            self.recorded_claims.clear()
+            self.recorded_claim = None
         return True
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:

@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+import transformers
 from conftest import Deployment, WorkerProcess
-from tiny_models import CORPUS
+from tiny_models import CORPUS, build_text_model
 
+from producer.client import RemotePipeline
 from producer.contract import Route
 from producer.deadletters import DeadLetter, DeadLetters
 from producer.store import JOBS_IN_STATE
@@ -28,6 +31,26 @@ from producer.store import JOBS_IN_STATE
 T = TypeVar("T")
 
 TASK = "text-classification"
+
+
+# Module fixtures of the fault modules that serve TASK on a ``dep`` deployment of their own
+# (imported by name: a tests/faults/conftest.py would shadow the shared conftest module).
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> str:
+    """The tiny text-classification model."""
+    return str(build_text_model(TASK, models_dir))
+
+
+@pytest.fixture(scope="module")
+def local(model: str) -> Any:
+    """The local truth: transformers.pipeline() on the same model."""
+    return transformers.pipeline(TASK, model=model)
+
+
+@pytest.fixture(scope="module")
+def remote(dep: Deployment, model: str) -> RemotePipeline:
+    """The route's remote pipeline on the module's ``dep`` (one producer for the module)."""
+    return dep.remote(TASK, model)
 
 
 def texts(count: int, tag: str = "") -> list[str]:

@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import transformers
 from compare import assert_same
 from conftest import Deployment
-from fault_support import TASK, queue_length, texts, wait_until
-from tiny_models import build_text_model
+from fault_support import (  # noqa: F401 - model, local, remote: module fixtures
+    TASK,
+    local,
+    model,
+    queue_length,
+    remote,
+    texts,
+    wait_until,
+)
 
 from producer.client import Client, RemotePipeline
 from producer.embedded import free_port, start_redis_server
@@ -71,24 +77,6 @@ def dep(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for worker in deployment.workers:
         worker.stop()
     Client._instances.pop((repr(server.url), deployment.prefix), None)
-
-
-@pytest.fixture(scope="module")
-def model(models_dir: Path) -> str:
-    """The tiny text-classification model."""
-    return str(build_text_model(TASK, models_dir))
-
-
-@pytest.fixture(scope="module")
-def local(model: str) -> Any:
-    """The local truth: transformers.pipeline() on the same model."""
-    return transformers.pipeline(TASK, model=model)
-
-
-@pytest.fixture(scope="module")
-def remote(dep: Deployment, model: str) -> RemotePipeline:
-    """The route's remote pipeline (one producer for the whole module)."""
-    return dep.remote(TASK, model)
 
 
 def test_queued_jobs_survive_a_redis_crash(server: RedisServer, dep: Deployment, model: str,

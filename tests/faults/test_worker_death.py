@@ -22,19 +22,20 @@ import json
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-import transformers
 from compare import assert_same
 from conftest import Deployment, WorkerProcess
-from fault_support import (
+from fault_support import (  # noqa: F401 - model, local, remote: module fixtures
     TASK,
     dead_letters,
     hostname_pid,
+    local,
+    model,
     queue_length,
     ran_on,
+    remote,
     starts,
     states,
     stored_count,
@@ -44,7 +45,6 @@ from fault_support import (
     wait_until,
     whereabouts,
 )
-from tiny_models import build_text_model
 
 from producer.client import Job, RemotePipeline
 from producer.errors import JobFailed
@@ -64,24 +64,6 @@ def dep(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
                             faults=f"slow_ms={SLOW_MS},crash_marker=BOOM")
     yield deployment
     deployment.close()
-
-
-@pytest.fixture(scope="module")
-def model(models_dir: Path) -> str:
-    """The tiny text-classification model."""
-    return str(build_text_model(TASK, models_dir))
-
-
-@pytest.fixture(scope="module")
-def local(model: str) -> Any:
-    """The local truth: transformers.pipeline() on the same model."""
-    return transformers.pipeline(TASK, model=model)
-
-
-@pytest.fixture(scope="module")
-def remote(dep: Deployment, model: str) -> RemotePipeline:
-    """The route's remote pipeline."""
-    return dep.remote(TASK, model)
 
 
 def live_workers(dep: Deployment) -> list[WorkerProcess]:
