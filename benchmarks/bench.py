@@ -159,7 +159,7 @@ def naive_row(redis_url: str, model: str, texts: list[str], producers: int, work
 
 def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, list_size: int,
                batch: int, workdir: Path, local_latencies: list[float],
-               more_producers: int = 0) -> list[dict[str, Any]]:
+               more_producers: int = 0, cpu_instances: int = 0) -> list[dict[str, Any]]:
     """pipeq single-request jobs, list jobs and light-load latency."""
     from producer import pipeline
     from producer.config import Settings
@@ -168,7 +168,8 @@ def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, lis
     env = dict(os.environ, PIPEQ_REDIS_URL=redis_url, PIPEQ_QUEUE_PREFIX=prefix,
                PIPEQ_ROUTES_FILE=str(workdir / "none.toml"), PIPEQ_LOG_LEVEL="WARNING")
     proc = start([sys.executable, "-m", "worker.cli", "--task", "feature-extraction", "--model",
-                  model, "--device", "cpu", "--max-batch-size", str(batch)], env,
+                  model, "--device", "cpu", "--max-batch-size", str(batch),
+                  "--cpu-instances", str(cpu_instances)], env,
                  "pipeq worker ready", workdir / "pipeq.log")
     settings = Settings(redis_url=redis_url, queue_prefix=prefix,
                         routes_file=workdir / "none.toml")
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--model", help="model dir (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--cpu-instances", type=int, default=0,
+                        help="the pipeq worker's --cpu-instances (0: automatic)")
     parser.add_argument("--out", default="bench-results.json")
     args = parser.parse_args(argv)
     if not args.model:
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_naive:
             rows.append(naive_row(redis_url, args.model, texts, args.producers, workdir))
         rows += pipeq_rows(redis_url, args.model, texts, args.producers, args.list_size,
-                           args.batch, workdir, local_latencies, args.more_producers)
+                           args.batch, workdir, local_latencies, args.more_producers,
+                           args.cpu_instances)
     finally:
         redis_proc.terminate()
     limit = rows[1]["req_per_s"]

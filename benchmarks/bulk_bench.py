@@ -79,12 +79,13 @@ def limit_in_child(args: argparse.Namespace) -> dict[str, float]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def start_worker(model: str, env: dict[str, str], batch: int, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(model: str, env: dict[str, str], batch: int, log: Path,
+                 cpu_instances: int = 0) -> subprocess.Popen[bytes]:
     """A pipeq worker for the model; returns once it says ready."""
     out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "--task", "feature-extraction", "--model", model,
-         "--device", "cpu", "--max-batch-size", str(batch)],
+         "--device", "cpu", "--max-batch-size", str(batch), "--cpu-instances", str(cpu_instances)],
         env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 300
     while "pipeq worker ready" not in log.read_text(errors="replace"):
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="worker max batch size")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--max-in-flight", type=int, default=8)
+    parser.add_argument("--cpu-instances", type=int, default=0,
+                        help="the worker's --cpu-instances (0: automatic)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="in-process / bulk rounds (alternated: the load drifts)")
     parser.add_argument("--probes", type=int, default=100, help="interactive requests per row")
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PIPEQ_REDIS_URL=redis_url, PIPEQ_QUEUE_PREFIX=prefix,
                PIPEQ_ROUTES_FILE=str(workdir / "none.toml"), PIPEQ_LOG_LEVEL="WARNING",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    worker = start_worker(args.model, env, args.batch, workdir / "worker.log")
+    worker = start_worker(args.model, env, args.batch, workdir / "worker.log",
+                          args.cpu_instances)
     try:
         settings = Settings(redis_url=redis_url, queue_prefix=prefix,
                             routes_file=workdir / "none.toml")
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "sentences": len(texts), "batch": args.batch, "chunk_size": args.chunk_size,
-        "max_in_flight": args.max_in_flight,
+        "max_in_flight": args.max_in_flight, "cpu_instances": args.cpu_instances,
         "in_process_sorted_batched_inputs_per_s": [round(x["inputs_per_s"], 1) for x in limits],
         "bulk_inputs_per_s": [round(x, 1) for x in rates],
         "bulk_ratio_to_in_process": [round(x, 3) for x in ratios],

@@ -54,6 +54,9 @@ class RouteSpec(BaseModel):
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
     #: Cap on padded tokens in one pipeline call (0 = only max_batch_size applies).
     max_batch_tokens: Annotated[int, Field(ge=0)] = 0
+    #: Pipeline calls a CPU worker runs side by side, each on cores/instances threads
+    #: (0 = automatic: 2 where there are 2 cores or more). GPU workers run one at a time.
+    cpu_instances: Annotated[int, Field(ge=0, le=64)] = 0
     #: A job running longer than this fails with JobTimeout (enforced by the worker).
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
     #: Let the worker fetch http(s) URLs given as image/audio inputs (off: a URL fails the job).

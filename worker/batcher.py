@@ -1,11 +1,17 @@
 """Micro-batching: inputs of many jobs, from any producer, gathered into one pipeline call.
 
 Celery runs each job as an ordinary task on a threads pool; the task hands its job to the
-:class:`MicroBatcher` and waits. One batching thread gathers inputs until ``max_batch_size``
-inputs or ``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ,
-sorts them by length so that padding stays small, runs each group, and stores every
+:class:`MicroBatcher` and waits. The batcher gathers inputs until ``max_batch_size`` inputs
+or ``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ, sorts
+them by length so that padding stays small, plans the calls, runs them, and stores every
 finished job's record in one Redis round trip. Each job keeps its own Celery task, state,
 events and result.
+
+Calls run on one thread per *model instance* (one runner each, see ``worker/instances.py``):
+one on a GPU, several on a CPU, where independent single-threaded calls side by side beat
+one call spread over every core. Each thread runs the calls planned by a gather; when none
+are left it gathers the next ones itself, one thread at a time (``_gather_lock``), so the
+inputs of a gather are sorted and planned together and any idle thread can run its calls.
 
 Failures are isolated: a batch that fails is split in halves and retried, down to single
 inputs, so one bad input (or an out-of-memory batch) fails only its own job.
@@ -19,7 +25,8 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +77,8 @@ class JobInFlight:
     #: The inputs as the pipeline takes them: media envelopes decoded (worker/media.py);
     #: by default the request's own inputs.
     items: list[Any] = field(default_factory=list)
+    #: Claimed by the batcher thread that hands the job to ``finish_jobs`` (exactly one).
+    finishing: bool = False
 
     def __post_init__(self) -> None:
         if not self.items:
@@ -125,11 +134,19 @@ BatchObserver = Callable[[int, float, list[str]], None]
 
 
 class MicroBatcher:
-    """Gathers inputs of many jobs into batched pipeline calls on one thread."""
+    """Gathers inputs of many jobs into batched pipeline calls, run by one thread per runner.
 
-    def __init__(self, runner: PipelineRunner, policy: BatchPolicy, start_jobs: StartJobs,
-                 finish_jobs: FinishJobs, observe: BatchObserver | None = None):
-        self.runner = runner
+    ``runners``: one :class:`PipelineRunner` per model instance (the same model; each call
+    runs on one of them at a time).
+    """
+
+    def __init__(self, runners: PipelineRunner | Sequence[PipelineRunner], policy: BatchPolicy,
+                 start_jobs: StartJobs, finish_jobs: FinishJobs,
+                 observe: BatchObserver | None = None):
+        self.runners = [runners] if isinstance(runners, PipelineRunner) else list(runners)
+        if not self.runners:
+            raise ValueError("MicroBatcher needs at least one runner")
+        self.runner = self.runners[0]
         self.policy = policy
         self._start_jobs = start_jobs
         self._finish_jobs = finish_jobs
@@ -137,14 +154,26 @@ class MicroBatcher:
         # Interactive inputs before bulk chunks' (worker/lanes.py); bulk ones sorted by length.
         self._queue: LaneQueue[Slot] = LaneQueue(plan_size=16 * policy.max_batch_size,
                                                  bulk_batch=policy.max_batch_size)
-        self._thread = threading.Thread(target=self._loop, name="pipeq-batcher", daemon=True)
+        self._workers = [
+            threading.Thread(target=self._loop, args=(runner,), daemon=True,
+                             name="pipeq-batcher" if len(self.runners) == 1
+                             else f"pipeq-batcher-{n}")
+            for n, runner in enumerate(self.runners)
+        ]
         self._stopping = threading.Event()
         self._returning = threading.Event()
         self._last_batch_size = 0
+        #: One thread gathers (and starts jobs, and plans calls) at a time.
+        self._gather_lock = threading.Lock()
+        #: Planned calls no thread has taken yet, in plan order.
+        self._ready: deque[list[Slot]] = deque()
+        #: Guards the jobs' outputs, counts and outcomes, written by every batcher thread.
+        self._jobs_lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the batching thread."""
-        self._thread.start()
+        """Start the batching threads."""
+        for thread in self._workers:
+            thread.start()
 
     def begin_shutdown(self) -> None:
         """Stop starting jobs: the batch in hand finishes; jobs not yet started are handed
@@ -152,10 +181,13 @@ class MicroBatcher:
         self._returning.set()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand, then stop the thread."""
+        """Finish the calls in hand, then stop the threads."""
         self._stopping.set()
-        self._queue.put(None)
-        self._thread.join(timeout)
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def submit(self, job: JobInFlight) -> None:
         """Queue every input of ``job`` for batching; ``job.done`` is set when it ends."""
@@ -163,20 +195,55 @@ class MicroBatcher:
         for index, item in enumerate(job.items):
             self._queue.put(Slot(job, index, item, input_length(item), key))
 
-    # the batching thread
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            slots = self._gather()
-            if slots:
+    # the batching threads
+    def _loop(self, runner: PipelineRunner) -> None:
+        while True:
+            call = self._next_call()
+            if call is None:
+                return
+            try:
+                self._run(runner, call)
+                # Jobs whose inputs are all done end now, not after the whole gather.
+                self._complete(_unique(s.job for s in call))
+            except Exception:  # never let a batching thread die: fail the jobs instead
+                log.exception("call of %d inputs failed unexpectedly", len(call))
+                self._fail_unexpected(call)
+
+    def _next_call(self) -> list[Slot] | None:
+        """A planned call to run: one left by an earlier gather, else from a new gather.
+
+        None once stopping and no planned call is left.
+        """
+        while True:
+            with self._jobs_lock:
+                if self._ready:
+                    return self._ready.popleft()
+            if self._stopping.is_set():
+                return None
+            with self._gather_lock:
+                with self._jobs_lock:
+                    if self._ready:  # planned while this thread waited for the lock
+                        return self._ready.popleft()
+                if self._stopping.is_set():
+                    return None
+                slots = self._gather()
+                if not slots:
+                    continue
                 try:
-                    self._process(slots)
-                except Exception:  # never let the batching thread die: fail the jobs instead
+                    calls = self._plan(slots)
+                except Exception:  # never let a batching thread die: fail the jobs instead
                     log.exception("batch of %d inputs failed unexpectedly", len(slots))
                     self._fail_unexpected(slots)
+                    continue
+                if calls:
+                    with self._jobs_lock:
+                        self._ready.extend(calls[1:])
+                    return calls[0]
 
     def _gather(self) -> list[Slot]:
         first = self._queue.get()
         if first is None:
+            self._stopping.set()
             return []
         slots = [first]
         # Gather a few calls' worth: sorting more inputs by length leaves less padding.
@@ -213,7 +280,8 @@ class MicroBatcher:
                 return
             slots.append(slot)
 
-    def _process(self, slots: list[Slot]) -> None:
+    def _plan(self, slots: list[Slot]) -> list[list[Slot]]:
+        """Start the gather's new jobs; its live inputs as calls (grouped, sorted, split)."""
         fresh = _unique(s.job for s in slots if not s.job.started)
         if fresh and self._returning.is_set():
             for job in fresh:  # shutting down: hand the message back rather than start it
@@ -229,13 +297,13 @@ class MicroBatcher:
         groups: dict[str, list[Slot]] = {}
         for slot in live:
             groups.setdefault(slot.params_key, []).append(slot)
+        calls: list[list[Slot]] = []
         for group in groups.values():
             group.sort(key=lambda s: s.length)
-            for chunk in self._chunks(group):
-                self._run(chunk)
-                # Jobs whose inputs are all done end now, not after the whole gather.
-                self._complete(_unique(s.job for s in chunk))
-        self._complete(_unique(s.job for s in slots))
+            calls.extend(self._chunks(group))
+        # Jobs that will not run (cancelled, expired) end now.
+        self._complete(_unique(s.job for s in slots if s.job.outcome is not None))
+        return calls
 
     def _chunks(self, group: list[Slot]) -> Iterable[list[Slot]]:
         """Split a length-sorted group into the cheapest calls (worker/planning.py)."""
@@ -248,69 +316,80 @@ class MicroBatcher:
         for start, end in ranges:
             yield group[start:end]
 
-    def _run(self, chunk: list[Slot], attempt: int = 0) -> None:
+    def _run(self, runner: PipelineRunner, chunk: list[Slot], attempt: int = 0) -> None:
         params = chunk[0].job.request.params
         started = time.perf_counter()
         try:
-            outputs = self.runner.run([s.item for s in chunk], params)
+            outputs = runner.run([s.item for s in chunk], params)
         except Exception as exc:
-            self._isolate(chunk, exc, attempt)
+            self._isolate(runner, chunk, exc, attempt)
             return
-        for slot, output in zip(chunk, outputs, strict=True):
-            slot.job.outputs[slot.index] = output
-            slot.job.remaining -= 1
+        with self._jobs_lock:
+            for slot, output in zip(chunk, outputs, strict=True):
+                slot.job.outputs[slot.index] = output
+                slot.job.remaining -= 1
         if self._observe:
             self._observe(len(chunk), time.perf_counter() - started,
                           sorted({s.job.job_id for s in chunk}))
 
-    def _isolate(self, chunk: list[Slot], exc: Exception, attempt: int = 0) -> None:
+    def _isolate(self, runner: PipelineRunner, chunk: list[Slot], exc: Exception,
+                 attempt: int = 0) -> None:
         if is_transient(exc):
-            self._retry_transient(chunk, exc, attempt)
+            self._retry_transient(runner, chunk, exc, attempt)
             return
         oom = is_out_of_memory(exc)
         if oom:
-            self.runner.free_memory()
+            runner.free_memory()
         if len(chunk) > 1:
             half = len(chunk) // 2
             log.info("batch of %d failed (%s: %s); retrying in halves", len(chunk),
                      type(exc).__name__, exc)
-            self._run(chunk[:half])
-            self._run(chunk[half:])
+            self._run(runner, chunk[:half])
+            self._run(runner, chunk[half:])
             return
         slot = chunk[0]
         if oom:
             message = (f"input #{slot.index} does not fit in device memory even alone "
                        f"({exc}); shorten it or serve the route on a larger device")
-            slot.job.fail(JobState.FAILURE, "OutOfMemory", message)
+            with self._jobs_lock:
+                slot.job.fail(JobState.FAILURE, "OutOfMemory", message)
         else:
             log.info("job %s input #%d failed: %s: %s", slot.job.job_id, slot.index,
                      type(exc).__name__, exc)
-            slot.job.fail(JobState.FAILURE, type(exc).__name__, f"input #{slot.index}: {exc}")
+            with self._jobs_lock:
+                slot.job.fail(JobState.FAILURE, type(exc).__name__,
+                              f"input #{slot.index}: {exc}")
 
-    def _retry_transient(self, chunk: list[Slot], exc: Exception, attempt: int) -> None:
+    def _retry_transient(self, runner: PipelineRunner, chunk: list[Slot], exc: Exception,
+                         attempt: int) -> None:
         """Retry a call that failed transiently, with backoff and jitter, then give up."""
         if attempt >= self.policy.max_retries:
             message = (f"{type(exc).__name__}: {exc} (gave up after {attempt + 1} attempts; "
                        "the error is transient, submitting again may succeed)")
-            for slot in chunk:
-                slot.job.fail(JobState.FAILURE, type(exc).__name__, message, retryable=True)
+            with self._jobs_lock:
+                for slot in chunk:
+                    slot.job.fail(JobState.FAILURE, type(exc).__name__, message,
+                                  retryable=True)
             return
         delay = self.policy.retry_backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
         log.info("transient %s on a batch of %d (attempt %d/%d); retrying in %.2fs",
                  type(exc).__name__, len(chunk), attempt + 1, self.policy.max_retries + 1, delay)
         time.sleep(delay)
-        self._run(chunk, attempt + 1)
+        self._run(runner, chunk, attempt + 1)
 
     def _complete(self, jobs: list[JobInFlight]) -> None:
         finished = []
-        for job in jobs:
-            if job.outcome is None and job.remaining == 0:
-                request = job.request
-                result = shape_result(self.runner.task, request.inputs, request.single,
-                                      request.params, job.outputs)
-                job.outcome = Outcome(job.job_id, JobState.SUCCESS, result, request.reply_to)
-            if job.outcome is not None and not job.done.is_set():
-                finished.append(job)
+        with self._jobs_lock:
+            for job in jobs:
+                if job.outcome is None and job.remaining == 0:
+                    request = job.request
+                    result = shape_result(self.runner.task, request.inputs, request.single,
+                                          request.params, job.outputs)
+                    job.outcome = Outcome(job.job_id, JobState.SUCCESS, result,
+                                          request.reply_to)
+                if job.outcome is not None and not job.finishing and not job.done.is_set():
+                    job.finishing = True
+                    finished.append(job)
         if finished:
             self._finish_jobs(finished)
             for job in finished:
@@ -318,11 +397,15 @@ class MicroBatcher:
 
     def _fail_unexpected(self, slots: list[Slot]) -> None:
         jobs = _unique(s.job for s in slots)
-        for job in jobs:
-            job.fail(JobState.FAILURE, "WorkerError", "the worker failed to run the batch",
-                     retryable=True)
+        with self._jobs_lock:
+            for job in jobs:
+                job.fail(JobState.FAILURE, "WorkerError", "the worker failed to run the batch",
+                         retryable=True)
+            jobs = [j for j in jobs if not j.finishing and not j.done.is_set()]
+            for job in jobs:
+                job.finishing = True
         try:
-            self._finish_jobs([j for j in jobs if not j.done.is_set()])
+            self._finish_jobs(jobs)
         finally:
             for job in jobs:
                 job.done.set()

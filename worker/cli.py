@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float,
                         help="how long a batch waits to fill, under load")
     parser.add_argument("--max-batch-tokens", type=int, help="padded-length budget per call")
+    parser.add_argument("--cpu-instances", type=int, metavar="N",
+                        help="on a CPU: pipeline calls run side by side, each on cores/N "
+                             "threads (default 0: automatic, 2 with 2+ cores; GPUs: 1)")
     parser.add_argument("--allow-urls", action="store_true", default=None,
                         help="fetch http(s) URLs given as image/audio inputs (off by default)")
     parser.add_argument("--max-payload-bytes", type=int,
@@ -62,6 +65,7 @@ def route_spec(args: argparse.Namespace, settings: Settings) -> RouteSpec:
         "device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code,
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "max_batch_tokens": args.max_batch_tokens, "allow_urls": args.allow_urls,
+        "cpu_instances": args.cpu_instances,
         "max_payload_bytes": args.max_payload_bytes,
     }
     merged = base.model_dump() | {k: v for k, v in overrides.items() if v is not None}

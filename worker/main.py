@@ -25,6 +25,7 @@ from .claiming import unsupported_redis
 from .consumer import consumer_class
 from .faults import FaultInjector
 from .heartbeat import Heartbeat
+from .instances import instance_plan, replicate
 from .leases import LeaseKeeper
 from .loader import ModelLoadError, load_pipeline, warmup_call
 from .media import MediaPolicy
@@ -75,6 +76,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
              mask_url(redis_url))
     try:
         check_device(device)
+        instances = use_instances(spec, device)
         runner = off_main_thread(lambda: loaded_and_warm(spec, device))
     except ModelLoadError as exc:
         log.error("worker not started: %s", exc)
@@ -107,12 +109,14 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
                          off_main_thread(lambda: measure_call_overhead(runner)),
                          settings.max_retries,
                          settings.retry_backoff_s)
-    batcher = MicroBatcher(runner, policy, metrics.wrap_start_jobs(service.start_jobs),
+    batcher = MicroBatcher(replicate(runner, instances), policy,
+                           metrics.wrap_start_jobs(service.start_jobs),
                            service.finish_jobs, observe=metrics.on_batch)
     service.attach(batcher)
     heartbeat = Heartbeat(
         Registry(client, settings.keys, settings.heartbeat_s), hostname, spec.route, device,
         extra={"queue": settings.keys.queue(spec.route), "max_batch_size": spec.max_batch_size,
+               "instances": instances,
                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                "host": socket.gethostname(), **extra},
         probe=metrics.heartbeat_fields,
@@ -125,9 +129,9 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
         heartbeat.mark_ready()
         metrics.mark_ready()
         ready_log.info("pipeq worker ready: %s on %s, queue %s, batch <= %d inputs / %g ms, "
-                 "%d threads, hostname %s", spec.route.describe(), device,
-                 settings.keys.queue(spec.route), spec.max_batch_size, spec.max_wait_ms,
-                 threads, hostname)
+                 "%d model instance(s), %d threads, hostname %s", spec.route.describe(),
+                 device, settings.keys.queue(spec.route), spec.max_batch_size,
+                 spec.max_wait_ms, instances, threads, hostname)
 
     def on_shutdown(sender: Any = None, **_: Any) -> None:
         # Warm shutdown: the batch in hand finishes, unstarted jobs go back to the queue.
@@ -161,6 +165,22 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
         metrics.stop()
         log.info("pipeq worker %s stopped", hostname)
     return int(worker.exitcode or 0)
+
+
+def use_instances(spec: RouteSpec, device: str) -> int:
+    """How many model instances serve the route here; gives each call its share of threads.
+
+    Set before the model loads: the warm-up and the overhead calibration then run on the
+    threads the calls will have (torch's threads take the process-wide count).
+    """
+    import torch
+
+    instances, threads = instance_plan(device, spec.cpu_instances, torch.get_num_threads())
+    if instances > 1:
+        torch.set_num_threads(threads)
+        log.info("%d model instances on %s, %d torch thread(s) per call", instances, device,
+                 threads)
+    return instances
 
 
 def off_main_thread(action: Callable[[], T]) -> T:

@@ -94,14 +94,15 @@ def finished(dep: Deployment, remote: RemotePipeline, job_ids: list[str], timeou
 
 
 def fixed_worker(dep: Deployment, model: str) -> WorkerProcess:
-    """The one worker serving the route, with FIXED_WORKER_ENV (others are stopped)."""
+    """The one worker serving the route, with FIXED_WORKER_ENV and one model instance (calls
+    run one at a time), the others stopped."""
     fixed = None
     for worker in live_workers(dep):
         if fixed is None and "FAULT INJECTION ACTIVE: slow_ms=5000" in worker.log():
             fixed = worker
         else:
             worker.stop()
-    return fixed or dep.start_worker(TASK, model, env=FIXED_WORKER_ENV)
+    return fixed or dep.start_worker(TASK, model, "--cpu-instances", "1", env=FIXED_WORKER_ENV)
 
 
 def signal_at_batch_start(dep: Deployment, worker: WorkerProcess, job_ids: list[str],

@@ -1,0 +1,138 @@
+"""Model instances: calls side by side on one worker, each job answered once and in order.
+
+The batcher runs here with stand-in runners (pure logic), and the instance copies on real
+tiny pipelines built by ``tiny_models`` (the real ``pipeline()`` loading code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from producer.config import RouteSpec
+from producer.contract import JobRequest, Route
+from worker.batcher import BatchPolicy, JobInFlight, MicroBatcher
+from worker.instances import instance_plan, replicate
+from worker.runner import PipelineRunner
+
+torch = pytest.importorskip("torch")
+ROUTE = Route(task="feature-extraction", model="org/m")
+
+
+@pytest.mark.parametrize(("device", "requested", "threads", "expected"), [
+    ("cpu", 0, 2, (2, 1)),
+    ("cpu", 0, 16, (2, 8)),
+    ("cpu", 0, 1, (1, 1)),
+    ("cpu", 4, 2, (4, 1)),
+    ("cpu", 1, 8, (1, 8)),
+    ("cuda:0", 0, 8, (1, 8)),
+    ("cuda:1", 4, 8, (1, 8)),
+])
+def test_instance_plan(device: str, requested: int, threads: int,
+                       expected: tuple[int, int]) -> None:
+    assert instance_plan(device, requested, threads) == expected
+
+
+class GatedRunner(PipelineRunner):
+    """Answers each input with its length; the first ``barrier.parties`` calls wait for each other
+    (so they must run side by side); records each call."""
+
+    def __init__(self, barrier: threading.Barrier, log: list[tuple[str, list[str]]],
+                 name: str):
+        super().__init__(SimpleNamespace(task="feature-extraction", device="cpu"))
+        self.barrier, self.log, self.name = barrier, log, name
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        self.log.append((self.name, list(items)))
+        if len(self.log) <= self.barrier.parties:  # one of the first calls: meet the others
+            with contextlib.suppress(threading.BrokenBarrierError):  # the test asserts it
+                self.barrier.wait(5)
+        time.sleep(0.01)
+        return [len(i) for i in items]
+
+
+def _job(inputs: list[str], job_id: str) -> JobInFlight:
+    return JobInFlight(JobRequest(job_id=job_id, route=ROUTE, inputs=inputs, single=False,
+                                  submitted_at=time.time()))
+
+
+def test_two_instances_run_calls_side_by_side_and_finish_each_job_once() -> None:
+    barrier = threading.Barrier(2)
+    log: list[tuple[str, list[str]]] = []
+    runners = [GatedRunner(barrier, log, "a"), GatedRunner(barrier, log, "b")]
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def finish(jobs: list[JobInFlight]) -> None:
+        with lock:
+            finished.extend(j.job_id for j in jobs)
+
+    batcher = MicroBatcher(runners, BatchPolicy(max_batch_size=4, max_wait_ms=0),
+                           lambda jobs: None, finish)
+    jobs = [_job([f"{'x' * (n % 7 + 1)}-{j}-{n}" for n in range(10)], f"j{j}")
+            for j in range(6)]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    try:
+        for job in jobs:
+            assert job.done.wait(10), job.job_id
+    finally:
+        batcher.stop()
+    assert not barrier.broken, "the first two calls never ran at the same time"
+    assert {name for name, _ in log} == {"a", "b"}
+    assert sorted(finished) == sorted(j.job_id for j in jobs)  # each job finished once
+    for job in jobs:
+        assert job.outcome is not None and job.outcome.state.value == "SUCCESS"
+        assert job.outcome.payload == [len(i) for i in job.request.inputs]  # in input order
+    assert sum(len(items) for _, items in log) == 60  # every input ran exactly once
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_text_model
+
+    root = tmp_path_factory.mktemp("instances")
+    build_text_model("text-generation", root)
+    return root
+
+
+def test_instances_share_the_model_and_answer_like_the_original_from_two_threads(
+        tiny: Path) -> None:
+    """Each instance has its own tokenizer (a fast tokenizer refuses concurrent calls:
+    "Already borrowed") and the same model; concurrent calls give the sequential answers."""
+    from worker.loader import load_pipeline
+
+    spec = RouteSpec(task="text-generation", model=str(tiny / "text-generation"))
+    original = PipelineRunner(load_pipeline(spec, "cpu"))
+    runners = replicate(original, 2)
+    assert runners[0] is original
+    assert runners[1].pipe.model is original.pipe.model
+    assert runners[1].pipe.tokenizer is not original.pipe.tokenizer
+    assert runners[1].pipe.tokenizer.padding_side == "left"  # the batching set-up is kept
+    params = {"max_new_tokens": 3, "do_sample": False}
+    prompts = [[f"prompt {n} " + "word " * (n % 5), f"another {n}"] for n in range(12)]
+    expected = [original.run(p, params) for p in prompts]
+    got: dict[int, list[Any]] = {}
+    errors: list[BaseException] = []
+
+    def work(runner: PipelineRunner, offset: int) -> None:
+        try:
+            for n in range(offset, len(prompts), 2):
+                got[n] = runner.run(prompts[n], params)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(r, i)) for i, r in enumerate(runners)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert [got[n] for n in range(len(prompts))] == expected
