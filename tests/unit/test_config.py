@@ -164,12 +164,14 @@ def test_routes_file_is_read(tmp_path: Path) -> None:
         '[[route]]\ntask = "sentiment-analysis"\nmodel = "org/m"\nrevision = "v1"\n'
         'max_batch_size = 16\nmax_wait_ms = 2\ngpus = [0, 1]\n\n'
         '[[route]]\ntask = "fill-mask"\nmodel = "/models/bert"\ndevice = "cpu"\n'
+        'cpu_instances = 1\n'
     )
     settings = load_settings(routes_file=path)
     first, second = settings.routes
     assert first.route == Route(task="text-classification", model="org/m", revision="v1")
     assert (first.max_batch_size, first.max_wait_ms, first.gpus) == (16, 2.0, [0, 1])
     assert second.device == "cpu" and second.max_batch_size == 32
+    assert (first.cpu_instances, second.cpu_instances) == (0, 1)  # 0: automatic
     assert settings.route_spec(Route(task="fill-mask", model="/models/bert")) == second
     assert settings.route_spec(Route(task="fill-mask", model="/models/other")) is None
 
@@ -194,6 +196,7 @@ def test_unknown_top_level_table_in_routes_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("body", "shown"), [
     ('[[route]]\ntask = "summarization"\nmodel = "m"\n', "removed in transformers 5"),
     ('[[route]]\ntask = "fill-mask"\nmodel = "m"\nmax_batch_size = 0\n', "max_batch_size"),
+    ('[[route]]\ntask = "fill-mask"\nmodel = "m"\ncpu_instances = -1\n', "cpu_instances"),
     ('[[route]]\ntask = "fill-mask"\n', "model"),
     ('[[route]\ntask = "fill-mask"\n', "Expected"),  # not TOML at all
 ])
