@@ -215,15 +215,13 @@ class MicroBatcher:
         None once stopping and no planned call is left.
         """
         while True:
-            with self._jobs_lock:
-                if self._ready:
-                    return self._ready.popleft()
+            if (call := self._take_ready()) is not None:
+                return call
             if self._stopping.is_set():
                 return None
             with self._gather_lock:
-                with self._jobs_lock:
-                    if self._ready:  # planned while this thread waited for the lock
-                        return self._ready.popleft()
+                if (call := self._take_ready()) is not None:  # planned while this one waited
+                    return call
                 if self._stopping.is_set():
                     return None
                 slots = self._gather()
@@ -239,6 +237,10 @@ class MicroBatcher:
                     with self._jobs_lock:
                         self._ready.extend(calls[1:])
                     return calls[0]
+
+    def _take_ready(self) -> list[Slot] | None:
+        with self._jobs_lock:
+            return self._ready.popleft() if self._ready else None
 
     def _gather(self) -> list[Slot]:
         first = self._queue.get()
@@ -378,7 +380,7 @@ class MicroBatcher:
         self._run(runner, chunk, attempt + 1)
 
     def _complete(self, jobs: list[JobInFlight]) -> None:
-        finished = []
+        """Give the jobs whose inputs are all done their result, then finish every final one."""
         with self._jobs_lock:
             for job in jobs:
                 if job.outcome is None and job.remaining == 0:
@@ -387,13 +389,7 @@ class MicroBatcher:
                                           request.params, job.outputs)
                     job.outcome = Outcome(job.job_id, JobState.SUCCESS, result,
                                           request.reply_to)
-                if job.outcome is not None and not job.finishing and not job.done.is_set():
-                    job.finishing = True
-                    finished.append(job)
-        if finished:
-            self._finish_jobs(finished)
-            for job in finished:
-                job.done.set()
+        self._finish(jobs)
 
     def _fail_unexpected(self, slots: list[Slot]) -> None:
         jobs = _unique(s.job for s in slots)
@@ -401,13 +397,22 @@ class MicroBatcher:
             for job in jobs:
                 job.fail(JobState.FAILURE, "WorkerError", "the worker failed to run the batch",
                          retryable=True)
-            jobs = [j for j in jobs if not j.finishing and not j.done.is_set()]
-            for job in jobs:
+        self._finish(jobs)
+
+    def _finish(self, jobs: list[JobInFlight]) -> None:
+        """Store the records of the jobs that have an outcome, each job by one thread once;
+        their tasks are released even when storing fails (finish_jobs retries Redis)."""
+        with self._jobs_lock:
+            finished = [j for j in jobs
+                        if j.outcome is not None and not j.finishing and not j.done.is_set()]
+            for job in finished:
                 job.finishing = True
+        if not finished:
+            return
         try:
-            self._finish_jobs(jobs)
+            self._finish_jobs(finished)
         finally:
-            for job in jobs:
+            for job in finished:
                 job.done.set()
 
 

@@ -18,12 +18,9 @@ refuses concurrent use: "RuntimeError: Already borrowed", huggingface/tokenizers
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 from .runner import PipelineRunner
-
-log = logging.getLogger("pipeq.worker")
 
 #: Instances on a CPU when the route does not say (``cpu_instances = 0``).
 AUTO_CPU_INSTANCES = 2

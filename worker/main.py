@@ -190,7 +190,7 @@ def off_main_thread(action: Callable[[], T]) -> T:
     that ran a parallel region, and the main thread's team (from the warm-up) next to the
     batcher thread's made every batch slower (measured on 2 CPU cores with MiniLM: batches
     of 8 ran at 116 instead of 135 inputs/s, single calls 14.0 instead of 12.4 ms). A team
-    goes away with its thread, so the batcher thread's is then the only one.
+    goes away with its thread, so the batcher threads' teams are then the only ones.
     """
     # Leaving the with block joins the thread: its OpenMP team is gone before serving.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeq-model-setup") as setup:

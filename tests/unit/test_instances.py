@@ -21,7 +21,6 @@ from worker.batcher import BatchPolicy, JobInFlight, MicroBatcher
 from worker.instances import instance_plan, replicate
 from worker.runner import PipelineRunner
 
-torch = pytest.importorskip("torch")
 ROUTE = Route(task="feature-extraction", model="org/m")
 
 
@@ -92,6 +91,31 @@ def test_two_instances_run_calls_side_by_side_and_finish_each_job_once() -> None
         assert job.outcome is not None and job.outcome.state.value == "SUCCESS"
         assert job.outcome.payload == [len(i) for i in job.request.inputs]  # in input order
     assert sum(len(items) for _, items in log) == 60  # every input ran exactly once
+
+
+def test_jobs_are_released_when_storing_their_records_fails() -> None:
+    """A task waits for ``done``: a finish_jobs that raises must not leave it waiting."""
+    barrier = threading.Barrier(1)
+    log: list[tuple[str, list[str]]] = []
+    attempts: list[list[str]] = []
+
+    def failing_finish(jobs: list[JobInFlight]) -> None:
+        attempts.append([j.job_id for j in jobs])
+        raise ConnectionError("Redis went away")
+
+    batcher = MicroBatcher([GatedRunner(barrier, log, "a"), GatedRunner(barrier, log, "b")],
+                           BatchPolicy(max_batch_size=4, max_wait_ms=0),
+                           lambda jobs: None, failing_finish)
+    jobs = [_job(["one", "two"], "j1"), _job(["three"], "j2")]
+    batcher.start()
+    try:
+        for job in jobs:
+            batcher.submit(job)
+        for job in jobs:
+            assert job.done.wait(5), f"{job.job_id}'s task would wait forever"
+    finally:
+        batcher.stop()
+    assert sorted(i for ids in attempts for i in ids) == ["j1", "j2"]  # each stored once
 
 
 @pytest.fixture(scope="module")
