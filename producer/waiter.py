@@ -18,8 +18,9 @@ from concurrent.futures import Future
 
 import redis
 
-from .contract import Keys
-from .store import JobRecord, JobStore
+from pipeq.core.keys import Keys
+from pipeq.core.redis_io import Backoff, as_text
+from pipeq.core.store import JobRecord, JobStore
 
 log = logging.getLogger("pipeq.waiter")
 
@@ -74,7 +75,7 @@ class ResultWaiter:
 
     def _run(self) -> None:
         last_poll = time.monotonic()
-        backoff = 0.05
+        backoff = Backoff()
         while not self._stopping.is_set():
             with self._lock:
                 idle = not self._futures
@@ -90,20 +91,19 @@ class ResultWaiter:
                     last_poll = time.monotonic()
                 if finished:
                     self._deliver(sorted(finished))
-                backoff = 0.05
+                backoff.reset()
             except (redis.RedisError, OSError) as exc:
-                log.warning("result waiter lost Redis (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                log.warning("result waiter lost Redis (%s); retrying", exc)
+                backoff.sleep()
 
     def _next_wakeups(self) -> set[str]:
         item = self._conn.blpop([self.reply_key], timeout=self._poll_s)
         if item is None:
             return set()
-        ids = {_text(item[1])}
+        ids = {as_text(item[1])}
         more = self._conn.lpop(self.reply_key, 1000)
         if more:
-            ids.update(_text(m) for m in more)
+            ids.update(as_text(m) for m in more)
         with self._lock:
             return {i for i in ids if i in self._futures}
 
@@ -119,7 +119,3 @@ class ResultWaiter:
         for record in self.store.get_many(job_ids):
             if record is not None and record.state.is_final:
                 self.resolve(record)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -22,9 +22,10 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from producer.client import Client, RemotePipeline, pipeline  # noqa: E402
-from producer.config import Settings  # noqa: E402
-from producer.embedded import start_redis_server  # noqa: E402
+from pipeq import RemotePipeline, pipeline  # noqa: E402
+from pipeq.client import Client  # noqa: E402
+from pipeq.core.config import Settings  # noqa: E402
+from pipeq.ops.embedded import start_redis_server  # noqa: E402
 
 READY_LINE = "pipeq worker ready"
 
@@ -58,12 +59,13 @@ def minilm_path() -> str:
 class WorkerProcess:
     """A real ``pipeq worker`` subprocess with its log file."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
+                 cwd: Path = ROOT):
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT)
+                                     cwd=cwd)
 
     @property
     def pid(self) -> int:
@@ -131,13 +133,17 @@ class Deployment:
         return env
 
     def start_worker(self, task: str, model: str, *args: str, ready: bool = True,
-                     env: dict[str, str] | None = None) -> WorkerProcess:
-        """Start ``pipeq worker`` for (task, model) on the CPU; wait for ready unless told not."""
-        argv = [sys.executable, "-m", "worker.cli", "--task", task, "--model", model, *args]
+                     env: dict[str, str] | None = None, cwd: Path = ROOT) -> WorkerProcess:
+        """Start ``pipeq worker`` for (task, model) on the CPU; wait for ready unless told not.
+
+        ``cwd``: the folder it runs in (the repository's root unless a test says otherwise).
+        """
+        argv = [sys.executable, "-P", "-m", "pipeq", "worker", "--task", task, "--model", model,
+                *args]
         if "--device" not in args and "--gpus" not in args:
             argv += ["--device", "cpu"]
         log = self.workdir / f"worker-{len(self.workers)}.log"
-        worker = WorkerProcess(argv, self.env(**(env or {})), log)
+        worker = WorkerProcess(argv, self.env(**(env or {})), log, cwd)
         self.workers.append(worker)
         return worker.wait_ready() if ready else worker
 
@@ -147,7 +153,7 @@ class Deployment:
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run the ``pipeq`` command against this deployment."""
-        return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=self.env(),
+        return subprocess.run([sys.executable, "-P", "-m", "pipeq", *args], env=self.env(),
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
     def keys(self, pattern: str = "*") -> list[str]:
@@ -158,7 +164,7 @@ class Deployment:
         """Stop every worker and delete every key under this deployment's prefix."""
         for worker in self.workers:
             worker.stop()
-        Client._instances.pop((repr(self.redis_url), self.prefix), None)
+        Client.discard(self.settings)
         for key in self.redis.scan_iter(f"{self.prefix}*"):
             self.redis.delete(key)
 

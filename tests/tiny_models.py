@@ -38,11 +38,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import producer.validation
+import pipeq.core.validation
 
 #: Every task whose inputs the producer treats as text has a tiny model here (the assert at
 #: the end of this module fails when the producer gains a text task without a builder).
-TEXT_TASKS: tuple[str, ...] = tuple(sorted(producer.validation.TEXT_TASKS))
+TEXT_TASKS: tuple[str, ...] = tuple(sorted(pipeq.core.validation.TEXT_TASKS))
 
 SEED = 1234
 # Larger than BERT/GPT-2's 0.02 so the random logits are peaked: argmax labels and greedy tokens

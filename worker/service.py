@@ -1,7 +1,7 @@
 """The route service: what one worker process does with each job message.
 
-The Celery task (``worker.app``) calls :meth:`RouteService.handle` with the message body;
-the service validates it again (messages may come from anywhere), hands the job to the
+The Celery task (``pipeq.worker.broker.app``) calls :meth:`RouteService.handle` with the
+message body; the service validates it again (messages may come from anywhere), hands the job to the
 micro-batcher, waits until the job ends or its deadline passes, and returns a short
 summary for Flower's events. Job records are written per batch by the batcher's callbacks.
 """
@@ -16,17 +16,16 @@ import pydantic
 import redis
 from celery.exceptions import Reject
 
-from producer.config import Settings
-from producer.contract import JobRequest, JobState, Route
-from producer.deadletters import DeadLetters
-from producer.errors import ValidationError
-from producer.media import media_kind
-from producer.params import validate_params
-from producer.store import JobStore, Outcome
-from producer.validation import validate_inputs
-
-from .batcher import JobInFlight, MicroBatcher
-from .media import MediaPolicy, MediaResolver
+from pipeq.core.config import Settings
+from pipeq.core.contract import JobRequest, JobState, Route
+from pipeq.core.deadletters import DeadLetters
+from pipeq.core.envelopes import media_kind
+from pipeq.core.params import validate_params
+from pipeq.core.store import JobStore, Outcome
+from pipeq.core.validation import InputLimits, check_inputs
+from pipeq.errors import ValidationError
+from pipeq.worker.batching.batcher import JobInFlight, MicroBatcher
+from pipeq.worker.model.media import MediaPolicy, MediaResolver
 
 log = logging.getLogger("pipeq.worker")
 
@@ -47,7 +46,11 @@ class RouteService:
         #: The route's run-time limit (RouteSpec.timeout_s), enforced per job.
         self.run_timeout_s: float | None = None
         self.dead_letters = DeadLetters(store.client, settings.keys)
-        # Image and audio routes decode media envelopes before batching (worker/media.py).
+        payload_limit = (media.max_payload_bytes if media is not None
+                         else settings.max_payload_bytes)
+        self.limits = InputLimits(settings.max_input_chars, settings.max_inputs_per_job,
+                                  payload_limit)
+        # Image and audio routes decode media envelopes before batching (pipeq.worker.model.media).
         self.media: MediaResolver | None = None
         if media_kind(route.task) is not None:
             policy = media or MediaPolicy(max_payload_bytes=settings.max_payload_bytes)
@@ -112,10 +115,7 @@ class RouteService:
                 f"job for route {request.route.describe()} reached a worker of "
                 f"{self.route.describe()}"
             )
-        validate_inputs(self.route.task, request.inputs, max_chars=self.settings.max_input_chars,
-                        max_items=self.settings.max_inputs_per_job,
-                        max_payload_bytes=self.media.policy.max_payload_bytes if self.media
-                        else None)
+        check_inputs(self.route.task, request.inputs, self.limits)
         params = validate_params(self.route.task, request.params)
         if params != request.params:
             raise ValidationError("call parameters carry null values; omit them instead")
@@ -183,7 +183,7 @@ class RouteService:
             else:
                 runnable.append(job)
         before = self._with_retry(
-            lambda: self.store.start_counted([j.job_id for j in runnable], self.hostname)
+            lambda: self.store.start([j.job_id for j in runnable], self.hostname)
         )
         for job in runnable:
             state, starts = before.get(job.job_id, (JobState.PENDING, 1))

@@ -31,8 +31,8 @@ import pytest
 from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
-from producer.contract import Route
-from producer.embedded import free_port
+from pipeq.core.contract import Route
+from pipeq.ops.embedded import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -83,7 +83,7 @@ def flower(module_deployment: Deployment, models_dir: Path) -> Iterator[FlowerSi
     env = dep.env(PIPEQ_FLOWER_USER=USER, PIPEQ_FLOWER_PASSWORD=PASSWORD)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "flower", "--port", str(port),
+            [sys.executable, "-P", "-m", "pipeq", "flower", "--port", str(port),
              "--address", "127.0.0.1"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     site = FlowerSite(dep, f"http://127.0.0.1:{port}", Route(task=TASK, model=model), model, log)

@@ -23,10 +23,10 @@ import transformers
 from conftest import Deployment, WorkerProcess
 from tiny_models import CORPUS, build_text_model
 
-from producer.client import RemotePipeline
-from producer.contract import Route
-from producer.deadletters import DeadLetter, DeadLetters
-from producer.store import JOBS_IN_STATE
+from pipeq import RemotePipeline
+from pipeq.core.contract import Route
+from pipeq.core.deadletters import DeadLetter, DeadLetters
+from pipeq.core.store import JOBS_IN_STATE
 
 T = TypeVar("T")
 
@@ -110,7 +110,7 @@ def stored_count(dep: Deployment, route: Route, state: str = "SUCCESS") -> int:
 
 def queue_length(dep: Deployment, route: Route) -> int:
     """Messages waiting in the route's queue list."""
-    return int(dep.redis.llen(dep.settings.keys.queue_key(route)))
+    return int(dep.redis.llen(dep.settings.keys.lane_queue_key(route, "interactive")))
 
 
 def unacked_count(dep: Deployment) -> int:
@@ -126,7 +126,8 @@ def whereabouts(dep: Deployment, route: Route, job_ids: Sequence[str]) -> dict[s
         except (ValueError, KeyError, TypeError):
             return ""
 
-    queued = {job_id(m) for m in dep.redis.lrange(dep.settings.keys.queue_key(route), 0, -1)}
+    key = dep.settings.keys.lane_queue_key(route, "interactive")
+    queued = {job_id(m) for m in dep.redis.lrange(key, 0, -1)}
     held = {job_id(json.dumps(json.loads(v)[0]).encode())
             for v in dep.redis.hvals(dep.settings.keys.unacked())}
     out = {}

@@ -37,9 +37,9 @@ from fault_support import (
 )
 from tiny_models import build_text_model
 
-from producer.client import Job, RemotePipeline
-from producer.errors import JobCancelled, JobExpired, JobFailed
-from producer.store import JobStore
+from pipeq import Job, RemotePipeline
+from pipeq.core.store import JobStore
+from pipeq.errors import JobCancelled, JobExpired, JobFailed
 
 SLOW_S = 2.5
 ROUTE_TIMEOUT_S = 1.0

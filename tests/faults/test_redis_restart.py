@@ -29,9 +29,10 @@ from fault_support import (  # noqa: F401 - model, local, remote: module fixture
     wait_until,
 )
 
-from producer.client import Client, RemotePipeline
-from producer.embedded import free_port, start_redis_server
-from producer.errors import BrokerUnavailable
+from pipeq import RemotePipeline
+from pipeq.client import Client
+from pipeq.errors import BrokerUnavailable
+from pipeq.ops.embedded import free_port, start_redis_server
 
 PERSISTENCE = ["--appendonly", "yes", "--appendfsync", "everysec",
                "--maxmemory-policy", "noeviction"]
@@ -76,7 +77,7 @@ def dep(server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield deployment
     for worker in deployment.workers:
         worker.stop()
-    Client._instances.pop((repr(server.url), deployment.prefix), None)
+    Client.discard(deployment.settings)
 
 
 def test_queued_jobs_survive_a_redis_crash(server: RedisServer, dep: Deployment, model: str,

@@ -46,8 +46,8 @@ from fault_support import (  # noqa: F401 - model, local, remote: module fixture
     whereabouts,
 )
 
-from producer.client import Job, RemotePipeline
-from producer.errors import JobFailed
+from pipeq import Job, RemotePipeline
+from pipeq.errors import JobFailed
 
 VISIBILITY_S = 4
 SLOW_MS = 300

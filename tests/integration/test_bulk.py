@@ -21,8 +21,8 @@ from compare import assert_same
 from conftest import ROOT, Deployment, WorkerProcess
 from tiny_models import build_text_model
 
-from producer.bulk import ItemError
-from producer.errors import JobFailed
+from pipeq.bulk import ItemError
+from pipeq.errors import JobFailed
 
 FE = "feature-extraction"
 
@@ -44,7 +44,7 @@ def served(module_deployment: Deployment, paths: dict[str, str]) -> dict[str, st
 
 
 def _bulk(dep: Deployment, *args: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "producer.cli", "bulk", *args]
+    argv = [sys.executable, "-P", "-m", "pipeq", "bulk", *args]
     return subprocess.Popen(argv, env=dep.env(), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -15,7 +15,7 @@ from compare import assert_same
 from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
-from producer.contract import Route
+from pipeq.core.contract import Route
 
 TASK = "text-classification"
 DOWN_MODEL = "pipeq-tests/configured-but-down"
@@ -141,7 +141,7 @@ def test_status_exits_3_for_a_configured_route_without_worker(
 def test_config_masks_the_redis_password(module_deployment: Deployment) -> None:
     secret = "cli-s3cret-pw"
     env = module_deployment.env(PIPEQ_REDIS_URL=f"redis://:{secret}@redis.internal:6379/2")
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "config"], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-P", "-m", "pipeq", "config"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert secret not in done.stdout + done.stderr
@@ -152,7 +152,7 @@ def test_config_masks_the_redis_password(module_deployment: Deployment) -> None:
 
 def test_worker_with_gpus_on_a_machine_without_them_exits_2(
         module_deployment: Deployment) -> None:
-    from worker.devices import visible_gpu_ids
+    from pipeq.worker.ops.devices import visible_gpu_ids
 
     missing = max(visible_gpu_ids(), default=-1) + 1  # GPU 0 on a machine without GPUs
     done = run(module_deployment, "worker", "--task", TASK, "--model", DOWN_MODEL,

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,38 @@ def test_one_pinned_process_per_gpu(deployment: Deployment, models_dir: Path) ->
     for w in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(w["pid"], 0)
+
+
+SHADOW = "raise SystemExit('the user\'s {name}.py was imported instead of pipeq')\n"
+
+
+def test_a_users_own_producer_and_worker_modules_change_nothing(
+        deployment: Deployment, models_dir: Path, tmp_path: Path) -> None:
+    """A web app's folder with producer.py and worker.py in it: the pinned children and a
+    client started there still run pipeq's own code (the children even with a pipeq.py
+    beside them: they start with ``python -P``)."""
+    app, serving = tmp_path / "webapp", tmp_path / "serving"
+    for folder, names in ((app, ("producer", "worker")), (serving, ("producer", "worker",
+                                                                     "pipeq"))):
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}.py").write_text(SHADOW.format(name=name))
+    model = str(build_text_model("text-classification", models_dir))
+    supervisor = deployment.start_worker("text-classification", model, "--gpus", "0",
+                                         "--device", "cpu", ready=False, cwd=serving)
+    wait_for(lambda: [w for w in live_workers(deployment, "text-classification", model)
+                      if w["ready"]])
+    (app / "client.py").write_text(
+        "import json\n"
+        "from pipeq import pipeline\n"
+        f"remote = pipeline('text-classification', model={model!r})\n"
+        "print(json.dumps(remote(['good', 'bad'])))\n")
+    done = subprocess.run([sys.executable, "client.py"], cwd=app, env=deployment.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)) == 2
+    assert "was imported" not in supervisor.log()
+    assert supervisor.stop(signal.SIGTERM, timeout=60) == 0
 
 
 def test_missing_gpus_fail_clearly(deployment: Deployment, models_dir: Path) -> None:

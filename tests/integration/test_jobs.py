@@ -23,9 +23,11 @@ from compare import assert_same
 from conftest import Deployment, WorkerProcess
 from tiny_models import build_text_model
 
-from producer.client import Job, RemotePipeline
-from producer.contract import JobRequest, JobState, Route, new_job_id
-from producer.errors import (
+from pipeq import Job, RemotePipeline
+from pipeq.core.celery_config import make_celery
+from pipeq.core.contract import JobRequest, JobState, Route, new_job_id
+from pipeq.core.store import JobStore
+from pipeq.errors import (
     JobCancelled,
     JobExpired,
     JobFailed,
@@ -33,7 +35,6 @@ from producer.errors import (
     NoWorkerError,
     ValidationError,
 )
-from producer.store import JobStore
 
 TASK = "text-classification"
 TEXTS = [f"hello world {'again ' * (i % 5)}number {i}" for i in range(24)]
@@ -75,7 +76,7 @@ def store(dep: Deployment) -> JobStore:
 
 def queue_length(dep: Deployment, route: Route) -> int:
     """Messages waiting in the route's queue."""
-    return int(dep.redis.llen(dep.settings.keys.queue_key(route)))
+    return int(dep.redis.llen(dep.settings.keys.lane_queue_key(route, "interactive")))
 
 
 def hostname_of(served: Served) -> str:
@@ -218,9 +219,9 @@ def _send_raw(route_a: Served, body: Any, task_route: Route | None = None) -> Jo
     """Publish a message straight with Celery, bypassing the producer's checks."""
     client = route_a.remote.client
     job_id = body.get("job_id", new_job_id()) if isinstance(body, dict) else new_job_id()
-    client.celery.send_task(client.keys.task_name(task_route or route_a.route),
-                            kwargs={"request": body}, task_id=job_id,
-                            queue=client.keys.queue(route_a.route))
+    make_celery(client.settings).send_task(
+        client.keys.task_name(task_route or route_a.route), kwargs={"request": body},
+        task_id=job_id, queue=client.keys.queue(route_a.route))
     return Job(client, job_id, route_a.route)
 
 

@@ -31,10 +31,11 @@ from tiny_media_models import (
     wav_bytes,
 )
 
-from producer.client import Client, RemotePipeline
-from producer.config import Settings
-from producer.contract import Route
-from producer.errors import JobFailed, ValidationError
+from pipeq import RemotePipeline
+from pipeq.client import Client
+from pipeq.core.config import Settings
+from pipeq.core.contract import Route
+from pipeq.errors import JobFailed, ValidationError
 
 RATE = 16_000
 #: Worker options per task: object-detection also proves URL fetching and a route's limit.
@@ -227,7 +228,7 @@ def test_large_payloads_go_out_of_band_and_are_deleted(
     (payload_key,) = dep.keys(f":payload:{job.id}:*")
     assert dep.redis.get(payload_key) == data
     assert 30 < dep.redis.ttl(payload_key) <= 30 + 60
-    message = dep.redis.lindex(dep.settings.keys.queue_key(idle.route), 0)
+    message = dep.redis.lindex(dep.settings.keys.lane_queue_key(idle.route, "interactive"), 0)
     assert message is not None and len(message) < 2 * len(small) + 8_000 < len(data)
     assert job.cancel()
 

@@ -24,11 +24,11 @@ from conftest import ROOT, Deployment, WorkerProcess
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import build_text_model
 
-from producer.celery_app import make_celery
-from producer.contract import Route
-from producer.embedded import free_port
-from producer.errors import JobExpired
-from producer.store import JobStore
+from pipeq.core.celery_config import make_celery
+from pipeq.core.contract import Route
+from pipeq.core.store import JobStore
+from pipeq.errors import JobExpired
+from pipeq.ops.embedded import free_port
 
 TASK = "text-classification"
 DOWN_MODEL = "/models/nobody-serves-this"
@@ -114,7 +114,7 @@ def served(module_deployment: Deployment, models_dir: Path) -> Iterator[Served]:
     log = dep.workdir / "exporter.log"
     with open(log, "wb") as out:
         exporter = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "metrics", "--port", str(exporter_port),
+            [sys.executable, "-P", "-m", "pipeq", "metrics", "--port", str(exporter_port),
              "--address", "127.0.0.1"],
             env=dep.env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"

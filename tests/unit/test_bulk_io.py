@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.bulk import MISSING, ItemError, chunked
-from producer.bulk_io import (
+from pipeq.bulk.chunks import MISSING, ItemError
+from pipeq.bulk.files import (
     BadRecord,
     OutputWriter,
     count_records,
@@ -17,7 +17,8 @@ from producer.bulk_io import (
     read_records,
     scan_output,
 )
-from producer.errors import ValidationError
+from pipeq.bulk.mapping import chunked
+from pipeq.errors import ValidationError
 
 
 def _values(path: Path, fmt: str, **kwargs: str) -> list[object]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from producer import codec
-from producer.codec import ArrayPayload
-from worker.wire import array_payload, to_wire
+from pipeq.core import codec
+from pipeq.core.codec import ArrayPayload
+from pipeq.worker.model.wire import array_payload, to_wire
 
 
 def round_trip(value: Any) -> Any:

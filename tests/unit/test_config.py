@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from producer.celery_app import celery_config
-from producer.config import Settings, load_routes, load_settings, mask_url
-from producer.contract import Route
-from producer.errors import ConfigError
+from pipeq.core.celery_config import celery_config
+from pipeq.core.config import Settings, load_routes, load_settings
+from pipeq.core.contract import Route
+from pipeq.core.secrets import mask_url
+from pipeq.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "hunter2-s3cret"
@@ -146,7 +147,7 @@ def test_pipeq_config_masks_the_password(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPEQ_")}
     env.update(PIPEQ_REDIS_URL=URL, PIPEQ_ROUTES_FILE=str(routes), PYTHONPATH=str(ROOT),
                PIPEQ_SETTINGS_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "config"], env=env,
+    done = subprocess.run([sys.executable, "-P", "-m", "pipeq", "config"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert PASSWORD not in done.stdout + done.stderr

@@ -8,9 +8,10 @@ from typing import Any
 import pydantic
 import pytest
 
-from producer.contract import SCHEMA_VERSION, JobRequest, JobState, Keys, Route
-from producer.errors import UnsupportedTaskError, ValidationError
-from producer.tasks import REMOVED_TASKS, SUPPORTED_TASKS, canonical_task
+from pipeq.core.contract import SCHEMA_VERSION, JobRequest, JobState, Route
+from pipeq.core.keys import Keys
+from pipeq.core.tasks import REMOVED_TASKS, SUPPORTED_TASKS, canonical_task
+from pipeq.errors import UnsupportedTaskError, ValidationError
 
 MODEL = "org/tiny-model"
 
@@ -83,7 +84,7 @@ def test_different_revision_means_different_queue() -> None:
     main = Route(task="text-generation", model=MODEL, revision="main")
     pinned = Route(task="text-generation", model=MODEL, revision="0123abcd")
     assert keys.queue(main) != keys.queue(pinned)
-    assert keys.queue_key(main) != keys.queue_key(pinned)
+    assert keys.lane_queue_key(main, "interactive") != keys.lane_queue_key(pinned, "interactive")
 
 
 def test_route_describe_and_worker_command() -> None:
@@ -115,12 +116,13 @@ def test_key_names() -> None:
     route = Route(task="fill-mask", model=MODEL)
     assert keys.broker_prefix == "dep1:celery:"
     assert keys.queue(route) == f"dep1.q.{route.id}"
-    assert keys.queue_key(route) == f"dep1:celery:dep1.q.{route.id}"
+    assert keys.lane_queue_key(route, "interactive") == f"dep1:celery:dep1.q.{route.id}"
+    assert keys.lane_queue_key(route, "bulk") == f"dep1:celery:dep1.q.{route.id}.bulk"
+    assert keys.bell(route) == f"dep1:celery:dep1.q.{route.id}.bell"
     assert keys.unacked() == "dep1:celery:unacked"
     assert keys.unacked_index() == "dep1:celery:unacked_index"
     assert keys.task_name(route) == f"pipeq.run[{route.id}]"
     assert keys.result("J") == "dep1:job:J"
-    assert keys.cancel("J") == "dep1:cancel:J"
     assert keys.reply("C") == "dep1:reply:C"
     assert keys.route_workers(route) == f"dep1:route:{route.id}:workers"
     assert keys.routes() == "dep1:routes"
@@ -133,9 +135,10 @@ def test_every_key_lives_under_the_prefix() -> None:
     """Deployments sharing one Redis only ever touch keys under their own prefix."""
     keys = Keys("depX")
     route = Route(task="fill-mask", model=MODEL)
-    names = [keys.queue_key(route), keys.unacked(), keys.unacked_index(), keys.result("j"),
-             keys.cancel("j"), keys.reply("c"), keys.route_workers(route), keys.routes(),
-             keys.worker_info("h"), keys.dead_letters(), keys.idempotency("k")]
+    names = [keys.lane_queue_key(route, "bulk"), keys.bell(route), keys.unacked(),
+             keys.unacked_index(), keys.result("j"), keys.reply("c"), keys.route_workers(route),
+             keys.routes(), keys.worker_info("h"), keys.dead_letters(), keys.idempotency("k"),
+             keys.bulk("b"), keys.cache("d"), keys.payload("j", 0), keys.route_stats(route)]
     assert all(name.startswith("depX") for name in names), names
     assert Keys().prefix == "pipeq"
 

@@ -1,240 +1,34 @@
-"""Static checks of the Docker deployment files: no Docker engine, no network.
+"""Static checks of the Docker deployment files: compose.yaml and settings/redis.conf.
 
-Covers docker/compose.yaml, docker/*.Dockerfile and settings/redis.conf.
+No Docker engine, no network (the Dockerfiles: test_docker_images.py).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import re
-import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-DOCKER_DIR = ROOT / "docker"
-COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
-WORKER_DOCKERFILE = DOCKER_DIR / "worker.Dockerfile"
-PRODUCER_DOCKERFILE = DOCKER_DIR / "producer.Dockerfile"
-REDIS_CONF = ROOT / "settings" / "redis.conf"
-PYPROJECT = ROOT / "pyproject.toml"
-
-EXPECTED_WORKERS = ["worker-gpu0", "worker-gpu1"]
-SECRET_KEY = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|AUTH", re.IGNORECASE)
-# A whole value that is one required interpolation: ${NAME:?message} or ${NAME?message}.
-REQUIRED_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:?\?[^}]*\}$")
-URL_PASSWORD = re.compile(r"://[^/@\s]*:([^@/\s]*)@")
-each_dockerfile = pytest.mark.parametrize(
-    "dockerfile", [WORKER_DOCKERFILE, PRODUCER_DOCKERFILE], ids=lambda p: p.name
+from docker_support import (
+    DOCKER_DIR,
+    EXPECTED_WORKERS,
+    PRODUCER_DOCKERFILE,
+    REDIS_CONF,
+    REQUIRED_VAR,
+    ROOT,
+    build_of,
+    compose,
+    dockerfile_of,
+    each_dockerfile,
+    extra_packages,
+    flag_value,
+    gpu_devices,
+    instructions,
+    parse_dockerfile,
+    parse_redis_conf,
+    pip_installs,
+    services,
+    stage_chain,
+    worker_services,
 )
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@functools.cache
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert isinstance(data, dict), "compose.yaml must be a mapping"
-    return data
-
-
-def services() -> dict[str, dict[str, Any]]:
-    svcs = compose()["services"]
-    assert isinstance(svcs, dict)
-    return svcs
-
-
-def build_of(svc: dict[str, Any]) -> dict[str, Any] | None:
-    build = svc.get("build")
-    if build is None:
-        return None
-    if isinstance(build, str):
-        return {"context": build, "dockerfile": "Dockerfile"}
-    return {"dockerfile": "Dockerfile", **build}
-
-
-def dockerfile_of(svc: dict[str, Any]) -> Path | None:
-    build = build_of(svc)
-    if build is None:
-        return None
-    return (DOCKER_DIR / str(build["context"]) / str(build["dockerfile"])).resolve()
-
-
-def worker_services() -> dict[str, dict[str, Any]]:
-    return {
-        name: svc
-        for name, svc in services().items()
-        if dockerfile_of(svc) == WORKER_DOCKERFILE.resolve()
-    }
-
-
-def gpu_devices(svc: dict[str, Any]) -> list[dict[str, Any]]:
-    deploy = svc.get("deploy") or {}
-    reservations = (deploy.get("resources") or {}).get("reservations") or {}
-    return list(reservations.get("devices") or [])
-
-
-def flag_value(argv: list[str], flag: str) -> str:
-    assert flag in argv, f"{flag} missing from {argv}"
-    return str(argv[argv.index(flag) + 1])
-
-
-def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Yield (dotted path, scalar) for every leaf of a parsed YAML tree."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from walk(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from walk(value, f"{path}[{i}]")
-    else:
-        yield path, node
-
-
-@dataclass
-class Stage:
-    name: str
-    base: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-
-@functools.cache
-def parse_dockerfile(path: Path) -> tuple[Stage, ...]:
-    """Split a Dockerfile into stages of (INSTRUCTION, arguments), continuations joined."""
-    logical: list[str] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    assert not pending, f"{path.name}: dangling line continuation"
-
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for line in logical:
-        instr, _, args = line.partition(" ")
-        instr, args = instr.upper(), args.strip()
-        if instr == "FROM":
-            parts = args.split()
-            base = re.sub(
-                r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), parts[0]
-            )
-            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else str(len(stages))
-            stages.append(Stage(name=name, base=base))
-        elif not stages:
-            if instr == "ARG":
-                key, _, default = args.partition("=")
-                global_args[key] = default.strip("\"'")
-        else:
-            stages[-1].instructions.append((instr, args))
-    assert stages, f"{path.name}: no FROM"
-    return tuple(stages)
-
-
-def stage_chain(path: Path, stage_name: str | None = None) -> list[Stage]:
-    """The stage (default: last) preceded by the stages it is built FROM, base first."""
-    stages = {s.name: s for s in parse_dockerfile(path)}
-    stage = stages[stage_name] if stage_name else parse_dockerfile(path)[-1]
-    chain = [stage]
-    while chain[0].base in stages:
-        chain.insert(0, stages[chain[0].base])
-    return chain
-
-
-def instructions(chain: list[Stage], kind: str) -> list[str]:
-    return [args for stage in chain for instr, args in stage.instructions if instr == kind]
-
-
-@dataclass
-class PipInstall:
-    local_extras: list[set[str]]  # one entry per install of the local project ("." / ".[x]")
-    packages: list[str]  # requirements named directly (not the local project)
-
-
-def pip_installs(chain: list[Stage]) -> PipInstall:
-    result = PipInstall(local_extras=[], packages=[])
-    for run in instructions(chain, "RUN"):
-        for match in re.finditer(r"\bpip3?\s+install\b([^&;|]*)", run):
-            for token in match.group(1).split():
-                token = token.strip("\"'")
-                local = re.fullmatch(r"\.(?:\[([^\]]*)\])?", token)
-                if local:
-                    extras = local.group(1) or ""
-                    result.local_extras.append({e.strip() for e in extras.split(",") if e.strip()})
-                elif token and not token.startswith(("-", "$")):
-                    result.packages.append(token)
-    return result
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def requirement_name(requirement: str) -> str:
-    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
-    assert match, f"unparsable requirement {requirement!r}"
-    return normalize(match.group(1))
-
-
-@functools.cache
-def pyproject() -> dict[str, Any]:
-    return tomllib.loads(PYPROJECT.read_text())
-
-
-def extra_packages(extras: set[str] | frozenset[str]) -> set[str]:
-    """Distribution names an install of `.[extras]` pulls in, self-references expanded."""
-    project = pyproject()["project"]
-    optional = project.get("optional-dependencies", {})
-    own_name = normalize(project["name"])
-    names: set[str] = set()
-    todo, seen = list(extras), set()
-    while todo:
-        extra = todo.pop()
-        if extra in seen:
-            continue
-        seen.add(extra)
-        assert extra in optional, f"extra {extra!r} is not defined in pyproject.toml"
-        for req in optional[extra]:
-            name = requirement_name(req)
-            if name == own_name:
-                todo.extend(re.findall(r"[\w-]+", req.split("[", 1)[1].split("]")[0]))
-            else:
-                names.add(name)
-    return names
-
-
-def is_root(user: str) -> bool:
-    name = user.split(":", 1)[0].strip()
-    return name in {"root", "0"}
-
-
-def effective_user(chain: list[Stage]) -> str:
-    users = instructions(chain, "USER")
-    return users[-1] if users else "root"
-
-
-def parse_redis_conf() -> dict[str, str]:
-    directives: dict[str, str] = {}
-    for raw in REDIS_CONF.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.partition(" ")
-        directives[key.lower()] = value.strip()
-    return directives
-
 
 # --------------------------------------------------------------------------- compose
 
@@ -415,109 +209,3 @@ def test_dockerfile_copy_sources_exist(dockerfile: Path) -> None:
         for source in words[:-1]:
             if not any(ch in source for ch in "*?["):
                 assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} missing"
-
-
-# --------------------------------------------------------------------------- images
-
-
-def test_worker_image_installs_the_torch_extra() -> None:
-    chain = stage_chain(WORKER_DOCKERFILE)
-    installs = pip_installs(chain)
-    assert any("worker" in extras for extras in installs.local_extras), installs
-    extras = set().union(*installs.local_extras)
-    assert "torch" in extra_packages(extras)
-    assert "torch" not in {requirement_name(p) for p in installs.packages}, (
-        "pin torch in pyproject's worker extra, not in the Dockerfile"
-    )
-
-
-def test_producer_image_installs_no_torch() -> None:
-    assert "torch" not in {requirement_name(r) for r in pyproject()["project"]["dependencies"]}, (
-        "core dependencies must stay torch-free"
-    )
-    for stage in parse_dockerfile(PRODUCER_DOCKERFILE):
-        installs = pip_installs(stage_chain(PRODUCER_DOCKERFILE, stage.name))
-        assert installs.local_extras, f"stage {stage.name}: the package is never installed"
-        extras = set().union(*installs.local_extras)
-        assert "torch" not in extra_packages(extras), f"stage {stage.name} pulls torch"
-        assert "torch" not in {requirement_name(p) for p in installs.packages}
-    default = pip_installs(stage_chain(PRODUCER_DOCKERFILE))
-    assert default.local_extras == [set()], "the default producer target is `pip install .`"
-
-
-def test_base_images_and_entrypoints() -> None:
-    worker = parse_dockerfile(WORKER_DOCKERFILE)
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu2[24]\.04", worker[0].base)
-    assert json.loads(instructions(stage_chain(WORKER_DOCKERFILE), "ENTRYPOINT")[-1]) == [
-        "pipeq",
-        "worker",
-    ]
-    assert any("python3.11" in run for run in instructions(list(worker), "RUN"))
-    producer = parse_dockerfile(PRODUCER_DOCKERFILE)
-    assert producer[0].base == "python:3.11-slim"
-    for stage in producer:
-        if stage.name == "base":
-            continue
-        entry = instructions(stage_chain(PRODUCER_DOCKERFILE, stage.name), "ENTRYPOINT")
-        assert entry and json.loads(entry[-1]) == ["pipeq"], stage.name
-
-
-def test_worker_healthcheck_and_model_cache() -> None:
-    chain = stage_chain(WORKER_DOCKERFILE)
-    health = instructions(chain, "HEALTHCHECK")
-    assert health and re.search(r'CMD \["pipeq",\s*"status"', health[-1]), health
-    envs = " ".join(instructions(chain, "ENV"))
-    assert re.search(r"\bHF_HOME=/models\b", envs)
-    args = dict(a.partition("=")[::2] for a in instructions(chain, "ARG"))
-    assert args.get("BAKE_MODEL", "").strip("\"'") == "", "no model baked in by default"
-    assert "TORCH_INDEX_URL" in args
-    runs = instructions(chain, "RUN")
-    assert any("TORCH_INDEX_URL" in r and "pip install" in r for r in runs)
-    order = [(i, a) for i, a in chain[-1].instructions if i in {"RUN", "VOLUME"}]
-    bake = next(n for n, (i, a) in enumerate(order) if i == "RUN" and "BAKE_MODEL" in a)
-    volume = next(n for n, (i, a) in enumerate(order) if i == "VOLUME" and "/models" in a)
-    assert bake < volume, "VOLUME /models after the bake step, or the baked model is discarded"
-    assert re.search(r'-n "\$BAKE_MODEL"', order[bake][1]), "bake must be opt-in"
-
-
-@each_dockerfile
-def test_images_run_as_non_root(dockerfile: Path) -> None:
-    for stage in parse_dockerfile(dockerfile):
-        user = effective_user(stage_chain(dockerfile, stage.name))
-        assert not is_root(user), f"{dockerfile.name} stage {stage.name} runs as {user}"
-    for name, svc in services().items():
-        if "user" in svc:
-            assert not is_root(str(svc["user"])), f"{name} overrides user to root"
-
-
-# --------------------------------------------------------------------------- secrets
-
-
-def test_no_hardcoded_secrets_in_compose() -> None:
-    for path, value in walk(compose()):
-        key = re.split(r"[.\[]", path.rsplit(".", 1)[-1])[0]
-        if isinstance(value, str | int | float) and SECRET_KEY.search(key):
-            assert REQUIRED_VAR.match(str(value)), f"{path}: secret must be ${{VAR:?...}}"
-        if isinstance(value, str):
-            for password in URL_PASSWORD.findall(value):
-                assert REQUIRED_VAR.match(password), f"{path}: password in URL must be ${{VAR}}"
-    for name, svc in services().items():
-        command = (
-            [str(a) for a in svc.get("command") or []]
-            if isinstance(svc.get("command"), list)
-            else str(svc.get("command", "")).split()
-        )
-        if "--requirepass" in command:
-            assert REQUIRED_VAR.match(flag_value(command, "--requirepass")), name
-    flower_env = services()["flower"]["environment"]
-    for var in ("PIPEQ_FLOWER_USER", "PIPEQ_FLOWER_PASSWORD"):
-        assert REQUIRED_VAR.match(str(flower_env.get(var))), f"flower needs {var} set"
-
-
-@each_dockerfile
-def test_no_secrets_in_dockerfiles(dockerfile: Path) -> None:
-    for stage in parse_dockerfile(dockerfile):
-        for instr, args in stage.instructions:
-            if instr in {"ENV", "ARG"}:
-                assert not SECRET_KEY.search(args), f"{dockerfile.name}: {instr} {args}"
-            assert not URL_PASSWORD.search(args), f"{dockerfile.name}: credentials in {args}"

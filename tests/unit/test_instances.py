@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from producer.config import RouteSpec
-from producer.contract import JobRequest, Route
-from worker.batcher import BatchPolicy, JobInFlight, MicroBatcher
-from worker.instances import instance_plan, replicate
-from worker.runner import PipelineRunner
+from pipeq.core.config import RouteSpec
+from pipeq.core.contract import JobRequest, Route
+from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
+from pipeq.worker.batching.jobs import JobInFlight
+from pipeq.worker.model.instances import instance_plan, replicate
+from pipeq.worker.model.runner import PipelineRunner
 
 ROUTE = Route(task="feature-extraction", model="org/m")
 
@@ -131,7 +132,7 @@ def test_instances_share_the_model_and_answer_like_the_original_from_two_threads
         tiny: Path) -> None:
     """Each instance has its own tokenizer (a fast tokenizer refuses concurrent calls:
     "Already borrowed") and the same model; concurrent calls give the sequential answers."""
-    from worker.loader import load_pipeline
+    from pipeq.worker.model.loader import load_pipeline
 
     spec = RouteSpec(task="text-generation", model=str(tiny / "text-generation"))
     original = PipelineRunner(load_pipeline(spec, "cpu"))

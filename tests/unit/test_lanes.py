@@ -12,10 +12,11 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from producer.contract import JobRequest, Route
-from worker.batcher import BatchPolicy, JobInFlight, MicroBatcher
-from worker.lanes import LaneQueue
-from worker.runner import PipelineRunner
+from pipeq.core.contract import JobRequest, Route
+from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
+from pipeq.worker.batching.jobs import JobInFlight
+from pipeq.worker.batching.lanes import LaneQueue
+from pipeq.worker.model.runner import PipelineRunner
 
 ROUTE = Route(task="feature-extraction", model="org/m")
 

@@ -17,22 +17,23 @@ import pytest
 from PIL import Image
 from tiny_media_models import image_bytes, sample_audio, sample_image, wav_bytes
 
-from producer import codec
-from producer.contract import Keys
-from producer.errors import ValidationError
-from producer.media import claim_keys, claim_ttl_s, pack_inputs
-from producer.validation import validate_inputs
-from worker.batcher import input_length
-from worker.media import decode_audio_file, decode_image, decode_pcm, media_length
+from pipeq.core import codec
+from pipeq.core.envelopes import claim_keys, claim_ttl_s
+from pipeq.core.keys import Keys
+from pipeq.core.validation import InputLimits, check_inputs
+from pipeq.errors import ValidationError
+from pipeq.inputs import PreparedInputs, prepare_inputs
+from pipeq.worker.batching.jobs import input_length
+from pipeq.worker.model.media import decode_audio_file, decode_image, decode_pcm, media_length
 
 KEYS = Keys("unit")
 MB = 1024 * 1024
 
 
 def pack(task: str, items: list[Any], *, threshold: int = MB, limit: int = 8 * MB,
-         job_id: str = "job1") -> Any:
-    return pack_inputs(task, items, job_id=job_id, keys=KEYS, max_payload_bytes=limit,
-                       claim_check_bytes=threshold)
+         job_id: str = "job1") -> PreparedInputs:
+    return prepare_inputs(task, list(items), job_id=job_id, keys=KEYS,
+                          limits=InputLimits(100_000, 10_000, limit), claim_check_bytes=threshold)
 
 
 def data_of(envelope: dict[str, Any]) -> bytes:
@@ -53,8 +54,8 @@ def test_image_bytes_travel_inline_unchanged() -> None:
     assert envelope["$media"] == "image" and envelope["format"] == "png"
     assert data_of(envelope) == png
     assert packed.claims == {} and packed.inline_bytes == len(png)
-    validate_inputs("image-classification", packed.items, max_chars=10, max_items=10,
-                    max_payload_bytes=MB)  # base64 longer than max_chars is fine for media
+    # base64 longer than max_chars is fine for media
+    check_inputs("image-classification", packed.items, InputLimits(10, 10, MB))
 
 
 def test_pil_image_and_path_and_jpeg(tmp_path: Path) -> None:
@@ -222,20 +223,19 @@ def test_threshold_zero_claims_everything_and_keys_are_per_job() -> None:
 ])
 def test_envelopes_are_checked_on_both_sides(envelope: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
-        validate_inputs("image-classification", [envelope], max_chars=100, max_items=10,
-                        max_payload_bytes=1000)
+        check_inputs("image-classification", [envelope], InputLimits(100, 10, 1000))
 
 
 def test_plain_values_where_media_belongs_are_refused() -> None:
     with pytest.raises(ValidationError, match="must be a media envelope"):
-        validate_inputs("audio-classification", ["/tmp/a.wav"], max_chars=100, max_items=10)
+        check_inputs("audio-classification", ["/tmp/a.wav"], InputLimits(100, 10))
 
 
 # --- outputs and batching -------------------------------------------------------------------
 
 
 def test_output_images_come_back_as_pil_images() -> None:
-    from worker.wire import to_wire
+    from pipeq.worker.model.wire import to_wire
 
     mask = Image.fromarray((np.arange(30 * 40).reshape(30, 40) % 255).astype(np.uint8), "L")
     wire = to_wire([{"label": "sky", "score": None, "mask": mask}])

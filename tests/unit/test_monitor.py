@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.config import Settings
-from producer.embedded import free_port
-from producer.errors import ConfigError
-from producer.metrics import DeploymentCollector, RouteTotals
-from producer.monitor import basic_auth
+from pipeq.core.config import Settings
+from pipeq.errors import ConfigError
+from pipeq.ops.embedded import free_port
+from pipeq.ops.exporter import DeploymentCollector
+from pipeq.ops.flower import basic_auth
+from pipeq.worker.ops.metrics import RouteTotals
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from producer.errors import ValidationError
-from producer.params import (
+from pipeq.core.params import (
     MAX_CANDIDATE_LABELS,
     MAX_NEW_TOKENS,
     MAX_RETURN_SEQUENCES,
@@ -18,7 +17,8 @@ from producer.params import (
     params_model,
     validate_params,
 )
-from producer.tasks import SUPPORTED_TASKS, canonical_task
+from pipeq.core.tasks import SUPPORTED_TASKS, canonical_task
+from pipeq.errors import ValidationError
 
 #: A task without a curated parameter schema (its parameters are only checked to be JSON).
 OPEN_TASK = next(t for t in sorted(SUPPORTED_TASKS)

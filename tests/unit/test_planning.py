@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from worker.planning import calibrate_overhead, plan_calls
+from pipeq.worker.batching.planning import calibrate_overhead, plan_calls
 
 
 def covers(ranges: list[tuple[int, int]], n: int) -> bool:

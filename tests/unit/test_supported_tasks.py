@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.tasks import REMOVED_TASKS, SUPPORTED_TASKS, TASK_ALIASES, canonical_task
+from pipeq.core.tasks import REMOVED_TASKS, SUPPORTED_TASKS, TASK_ALIASES, canonical_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_supported_tasks_equal_transformers() -> None:
     pipelines = pytest.importorskip("transformers.pipelines")
     installed = set(pipelines.get_supported_tasks())
-    assert set(SUPPORTED_TASKS) - installed == set(), "producer/tasks.py lists tasks removed"
-    assert installed - set(SUPPORTED_TASKS) == set(), "producer/tasks.py misses new tasks"
+    assert set(SUPPORTED_TASKS) - installed == set(), "pipeq.core.tasks lists tasks removed"
+    assert installed - set(SUPPORTED_TASKS) == set(), "pipeq.core.tasks misses new tasks"
 
 
 def test_task_aliases_equal_transformers() -> None:
@@ -46,9 +46,10 @@ def test_producer_imports_no_torch_transformers_or_worker() -> None:
     """A web app that only submits jobs must not pay for torch (nor pull in the worker)."""
     code = (
         "import json, sys\n"
-        "import producer, producer.client, producer.cli\n"
-        "heavy = ('torch', 'transformers', 'worker')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+        "import pipeq, pipeq.client, pipeq.ops.cli, pipeq.bulk.mapping\n"
+        "heavy = ('torch', 'transformers')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+        "                        or m.startswith('pipeq.worker'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout

@@ -12,18 +12,23 @@ from typing import Any
 
 import pytest
 
-from producer.client import Client, RemotePipeline, pipeline
-from producer.config import Settings
-from producer.errors import UnsupportedTaskError, ValidationError
-from producer.validation import MAX_DEPTH, normalize_inputs, validate_inputs
+from pipeq import RemotePipeline, pipeline
+from pipeq.client import Client
+from pipeq.core.config import Settings
+from pipeq.core.jsonsafe import MAX_DEPTH
+from pipeq.core.keys import Keys
+from pipeq.core.validation import InputLimits, check_inputs
+from pipeq.errors import UnsupportedTaskError, ValidationError
+from pipeq.inputs import normalize_inputs, prepare_inputs
 
-LIMITS = {"max_chars": 50, "max_items": 4}
+LIMITS = InputLimits(max_chars=50, max_items=4)
 
 
 def check(task: str, inputs: Any) -> None:
-    """Normalise and validate like the producer does."""
-    items, _ = normalize_inputs(inputs)
-    validate_inputs(task, items, **LIMITS)
+    """Prepare the inputs like the producer does, and check them again like the worker."""
+    prepared = prepare_inputs(task, inputs, job_id="j", keys=Keys("t"), limits=LIMITS,
+                              claim_check_bytes=0)
+    check_inputs(task, prepared.items, LIMITS)
 
 
 def test_single_input_and_list_are_told_apart() -> None:
@@ -38,7 +43,7 @@ def test_valid_text_inputs_pass() -> None:
     check("fill-mask", ["a [MASK]", "b [MASK]"])
     check("text-classification", {"text": "a", "text_pair": "b"})
     check("text-classification", [{"text": "a"}, "plain"])
-    check("text-generation", "x" * LIMITS["max_chars"])  # the limit itself is allowed
+    check("text-generation", "x" * LIMITS.max_chars)  # the limit itself is allowed
     check("feature-extraction", "héllo wörld ✓ 日本")
 
 
@@ -136,7 +141,7 @@ def remote() -> Iterator[RemotePipeline]:
     settings = Settings(redis_url="redis://127.0.0.1:1/0", queue_prefix="unit-validation",
                         max_input_chars=20, max_inputs_per_job=3, connect_timeout_s=0.5)
     yield pipeline("text-classification", model="org/m", settings=settings)
-    Client._instances.pop((repr("redis://127.0.0.1:1/0"), "unit-validation"), None)
+    Client.discard(settings)
 
 
 @pytest.mark.parametrize(("inputs", "params", "shown"), [

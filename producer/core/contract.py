@@ -1,0 +1,131 @@
+"""The wire contract between producers and workers: routes, requests and job states.
+
+Everything that crosses Redis is defined here once (key names in ``pipeq.core.keys``): the
+worker implements what this module promises. Messages are pydantic models serialised to
+JSON; results use ``pipeq.core.codec``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from pipeq.core.tasks import canonical_task
+
+JSONScalar = str | int | float | bool | None
+#: One input of a pipeline call: a string, or a mapping (e.g. {"text": ..., "text_pair": ...},
+#: or an image/audio envelope {"$media": ...}, see pipeq.core.envelopes).
+InputItem = str | dict[str, Any]
+#: Which lane a job travels in: interactive jobs are served before waiting bulk chunks.
+Lane = Literal["interactive", "bulk"]
+
+SCHEMA_VERSION = 1
+
+
+class JobState(StrEnum):
+    """The states a job goes through; the last four are final."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def is_final(self) -> bool:
+        """True when the job will not change state any more."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED, JobState.EXPIRED})
+
+
+class Route(BaseModel):
+    """A (task, model[, revision, tokenizer]) pair: the unit of routing and of loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    revision: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    tokenizer: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _canonical(cls, value: str) -> str:
+        return canonical_task(value)
+
+    @property
+    def id(self) -> str:
+        """A stable id usable in queue, key and task names: readable slug plus a hash."""
+        identity = "\x1f".join([self.task, self.model, self.revision or "", self.tokenizer or ""])
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+        tail = self.model.rstrip("/").rsplit("/", 1)[-1]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail)[:40] or "model"
+        return f"{self.task}.{slug}.{digest}"
+
+    def describe(self) -> str:
+        """Human-readable form for messages: task, model and revision."""
+        extra = f"@{self.revision}" if self.revision else ""
+        tok = f" (tokenizer {self.tokenizer})" if self.tokenizer else ""
+        return f"{self.task}:{self.model}{extra}{tok}"
+
+    def worker_command(self) -> str:
+        """The command that starts a worker for this route (used in error messages)."""
+        cmd = f"pipeq worker --task {self.task} --model {self.model}"
+        if self.revision:
+            cmd += f" --revision {self.revision}"
+        if self.tokenizer:
+            cmd += f" --tokenizer {self.tokenizer}"
+        return cmd
+
+
+class JobRequest(BaseModel):
+    """One inference job as it travels in a Celery message (JSON, never pickle)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = SCHEMA_VERSION
+    job_id: Annotated[str, Field(min_length=1, max_length=128)]
+    route: Route
+    inputs: Annotated[list[InputItem], Field(min_length=1)]
+    #: True when the caller passed one input rather than a list: the result is not a list.
+    single: bool
+    params: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: Annotated[float, Field(allow_inf_nan=False)]
+    #: Absolute UNIX time after which the job is not worth running (EXPIRED). Finite: a NaN
+    #: deadline would compare false with every time, and the job would never expire.
+    deadline: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    #: Redis list the worker pushes the finished job id onto, to wake the waiting producer.
+    reply_to: str | None = None
+    #: "bulk" for chunks of a bulk job (``pipeq.bulk``): they travel on the route's bulk
+    #: queue and the worker runs waiting interactive jobs first, so a bulk job never starves them.
+    lane: Lane = "interactive"
+    # Claim-checked media payloads (Redis key -> raw bytes) that Client.send stores before
+    # publishing; producer side only, never serialised (see pipeq.core.envelopes).
+    _claims: dict[str, bytes] = PrivateAttr(default_factory=dict)
+
+    @property
+    def claims(self) -> dict[str, bytes]:
+        """Media payloads the sender stores in Redis before publishing (claim check)."""
+        return self._claims
+
+    @field_validator("v")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported message schema version {value} (this is {SCHEMA_VERSION})"
+            )
+        return value
+
+
+def new_job_id() -> str:
+    """A fresh, unguessable job id."""
+    return uuid.uuid4().hex

@@ -1,0 +1,119 @@
+"""A handle on a submitted job: its id, status, result or error, and cancel.
+
+A :class:`Job` is cheap (an id and the shared Client): make one for any job id with
+``pipeq.get_job`` from any process. Waiting for results goes through the process's one
+:class:`~pipeq.waiter.ResultWaiter`, so thousands of jobs can be awaited at once, from
+threads or from asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Generator
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any
+
+from pipeq.core.contract import JobState, Route
+from pipeq.core.store import JobRecord
+from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, ValidationError
+
+if TYPE_CHECKING:
+    from pipeq.client import Client
+
+
+class Job:
+    """A handle on a submitted job: id, status, result, cancel; awaitable for its result."""
+
+    def __init__(self, client: Client, job_id: str, route: Route | None = None):
+        self.client = client
+        self.id = job_id
+        self.route = route
+        #: Watched since before its message was sent: its end cannot have been missed, so
+        #: ``result()`` need not read the record first.
+        self.watched_from_start = False
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, route={self.route.describe() if self.route else None!r})"
+
+    def status(self) -> str:
+        """PENDING, STARTED, SUCCESS, FAILURE, CANCELLED or EXPIRED."""
+        (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
+        return (state or JobState.PENDING).value
+
+    def done(self) -> bool:
+        """True once the job is in a final state."""
+        return JobState(self.status()).is_final
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until the job ends and return its result (or raise its error).
+
+        Raises JobTimeout if it has not ended within ``timeout`` seconds (default: the
+        settings' ``default_timeout_s``); the job itself goes on and can be waited for again.
+        """
+        wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
+        future = self.client.waiter.watch(self.id)
+        if not self.watched_from_start:
+            record = self.client.call_redis(lambda: self.client.store.get(self.id))
+            if record is not None and record.state.is_final:
+                self.client.waiter.resolve(record)
+        try:
+            return outcome(future.result(timeout=wait))
+        except FutureTimeout:
+            self.client.waiter.forget(self.id)
+            raise JobTimeout(
+                f"job {self.id} did not finish within {wait:g}s (status {self.status()}); "
+                "wait again with job.result(timeout=...) or cancel it"
+            ) from None
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """The result, awaited without blocking the event loop."""
+        wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
+        future = self.client.waiter.watch(self.id)
+        if not self.watched_from_start:
+            record = await asyncio.to_thread(self.client.call_redis,
+                                             lambda: self.client.store.get(self.id))
+            if record is not None and record.state.is_final:
+                self.client.waiter.resolve(record)
+        try:
+            return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
+        except TimeoutError:
+            self.client.waiter.forget(self.id)
+            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.aresult().__await__()
+
+    def cancel(self) -> bool:
+        """Cancel the job. True if it will not run; False if it had already started or ended.
+
+        Cancelling a running job is best-effort: the worker finishes the batch in hand,
+        but the job stays CANCELLED and its result is discarded.
+        """
+        before = self.client.call_redis(lambda: self.client.store.cancel(self.id))
+        record = self.client.call_redis(lambda: self.client.store.get(self.id))
+        if record is not None:
+            self.client.waiter.resolve(record)
+        return before == JobState.PENDING
+
+
+def wait_seconds(default: float, timeout: float | None) -> float | None:
+    """A caller's wait: the default if None given; math.inf means no limit (None)."""
+    wait = default if timeout is None else timeout
+    if wait != wait or wait < 0:
+        raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    return None if wait == math.inf else wait
+
+
+def outcome(record: JobRecord) -> Any:
+    """The caller's view of a final record: the result, or the matching exception."""
+    if record.state == JobState.SUCCESS:
+        return record.result
+    error = record.error or {}
+    message = str(error.get("message", "no error message was stored"))
+    if record.state == JobState.CANCELLED:
+        raise JobCancelled(record.job_id, message)
+    if record.state == JobState.EXPIRED:
+        raise JobExpired(record.job_id, message)
+    raise JobFailed(record.job_id, str(error.get("type", "Error")), message,
+                    bool(error.get("retryable", False)))

@@ -1,0 +1,2 @@
+"""Operating a deployment: the ``pipeq`` command, status, the Prometheus exporter, Flower
+and the embedded Redis."""

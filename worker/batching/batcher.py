@@ -1,0 +1,353 @@
+"""Micro-batching: inputs of many jobs, from any producer, gathered into one pipeline call.
+
+Celery runs each job as an ordinary task on a threads pool; the task hands its job to the
+:class:`MicroBatcher` and waits. The batcher gathers inputs until ``max_batch_size`` inputs
+or ``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ, sorts
+them by length so that padding stays small, plans the calls, runs them, and stores every
+finished job's record in one Redis round trip. Each job keeps its own Celery task, state,
+events and result.
+
+Calls run on one thread per *model instance* (one runner each, ``pipeq.worker.model.instances``):
+one on a GPU, several on a CPU, where independent single-threaded calls side by side beat
+one call spread over every core. Each thread runs the calls planned by a gather; when none
+are left it gathers the next ones itself, one thread at a time (``_gather_lock``), so the
+inputs of a gather are sorted and planned together and any idle thread can run its calls.
+
+Failures are isolated: a batch that fails is split in halves and retried, down to single
+inputs, so one bad input (or an out-of-memory batch) fails only its own job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from pipeq.core.contract import JobState
+from pipeq.core.store import Outcome
+from pipeq.worker.batching.jobs import JobInFlight, Slot, input_length
+from pipeq.worker.batching.lanes import LaneQueue
+from pipeq.worker.batching.planning import plan_calls
+from pipeq.worker.model.runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
+
+log = logging.getLogger("pipeq.batcher")
+
+#: How many calls' worth of inputs (x max_batch_size) one gather may collect under load.
+GATHER_CALLS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How a route forms batches."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    #: Cap on (longest input length x batch size) in one call; 0 means no cap.
+    max_batch_tokens: int = 0
+    #: Cost of one pipeline call in input-length units, measured at warm-up; None: unknown
+    #: (calls are filled up to max_batch_size). Decides how uneven batches are split.
+    call_overhead: float | None = None
+    #: Transient errors: retries of the same call, with exponential backoff and jitter.
+    max_retries: int = 3
+    retry_backoff_s: float = 0.5
+
+
+StartJobs = Callable[[list[JobInFlight]], None]
+FinishJobs = Callable[[list[JobInFlight]], None]
+BatchObserver = Callable[[int, float, list[str]], None]
+
+
+class MicroBatcher:
+    """Gathers inputs of many jobs into batched pipeline calls, run by one thread per runner.
+
+    ``runners``: one :class:`PipelineRunner` per model instance (the same model; each call
+    runs on one of them at a time).
+    """
+
+    def __init__(self, runners: PipelineRunner | Sequence[PipelineRunner], policy: BatchPolicy,
+                 start_jobs: StartJobs, finish_jobs: FinishJobs,
+                 observe: BatchObserver | None = None):
+        self.runners = [runners] if isinstance(runners, PipelineRunner) else list(runners)
+        if not self.runners:
+            raise ValueError("MicroBatcher needs at least one runner")
+        self.runner = self.runners[0]
+        self.policy = policy
+        self._start_jobs = start_jobs
+        self._finish_jobs = finish_jobs
+        self._observe = observe
+        # Interactive inputs before bulk chunks' (batching.lanes); bulk ones sorted by length.
+        self._queue: LaneQueue[Slot] = LaneQueue(plan_size=16 * policy.max_batch_size,
+                                                 bulk_batch=policy.max_batch_size)
+        self._workers = [
+            threading.Thread(target=self._loop, args=(runner,), daemon=True,
+                             name="pipeq-batcher" if len(self.runners) == 1
+                             else f"pipeq-batcher-{n}")
+            for n, runner in enumerate(self.runners)
+        ]
+        self._stopping = threading.Event()
+        self._returning = threading.Event()
+        self._last_batch_size = 0
+        #: One thread gathers (and starts jobs, and plans calls) at a time.
+        self._gather_lock = threading.Lock()
+        #: Planned calls no thread has taken yet, in plan order.
+        self._ready: deque[list[Slot]] = deque()
+        #: Guards the jobs' outputs, counts and outcomes, written by every batcher thread.
+        self._jobs_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the batching threads."""
+        for thread in self._workers:
+            thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop starting jobs: the batch in hand finishes; jobs not yet started are handed
+        back (``JobInFlight.returned``), so their messages go back to the queue."""
+        self._returning.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the calls in hand, then stop the threads."""
+        self._stopping.set()
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def submit(self, job: JobInFlight) -> None:
+        """Queue every input of ``job`` for batching; ``job.done`` is set when it ends."""
+        key = json.dumps(job.request.params, sort_keys=True)
+        for index, item in enumerate(job.items):
+            self._queue.put(Slot(job, index, item, input_length(item), key))
+
+    # the batching threads
+    def _loop(self, runner: PipelineRunner) -> None:
+        while True:
+            call = self._next_call()
+            if call is None:
+                return
+            try:
+                self._run(runner, call)
+                # Jobs whose inputs are all done end now, not after the whole gather.
+                self._complete(_unique(s.job for s in call))
+            except Exception:  # never let a batching thread die: fail the jobs instead
+                log.exception("call of %d inputs failed unexpectedly", len(call))
+                self._fail_unexpected(call)
+
+    def _next_call(self) -> list[Slot] | None:
+        """A planned call to run: one left by an earlier gather, else from a new gather.
+
+        None once stopping and no planned call is left.
+        """
+        while True:
+            if (call := self._take_ready()) is not None:
+                return call
+            if self._stopping.is_set():
+                return None
+            with self._gather_lock:
+                if (call := self._take_ready()) is not None:  # planned while this one waited
+                    return call
+                if self._stopping.is_set():
+                    return None
+                slots = self._gather()
+                if not slots:
+                    continue
+                try:
+                    calls = self._plan(slots)
+                except Exception:  # never let a batching thread die: fail the jobs instead
+                    log.exception("batch of %d inputs failed unexpectedly", len(slots))
+                    self._fail_unexpected(slots)
+                    continue
+                if calls:
+                    with self._jobs_lock:
+                        self._ready.extend(calls[1:])
+                    return calls[0]
+
+    def _take_ready(self) -> list[Slot] | None:
+        with self._jobs_lock:
+            return self._ready.popleft() if self._ready else None
+
+    def _gather(self) -> list[Slot]:
+        first = self._queue.get()
+        if first is None:
+            self._stopping.set()
+            return []
+        slots = [first]
+        # Gather a few calls' worth: sorting more inputs by length leaves less padding.
+        limit = self.policy.max_batch_size * GATHER_CALLS
+        self._drain(slots, limit)
+        # Wait for more only under load: a lone request (the last batch had one input) runs
+        # at once, so light traffic pays no batching delay.
+        if len(slots) < limit and self._last_batch_size > 1 and self.policy.max_wait_ms > 0:
+            deadline = time.monotonic() + self.policy.max_wait_ms / 1000
+            while len(slots) < limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    slot = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if slot is None:
+                    self._stopping.set()
+                    break
+                slots.append(slot)
+                self._drain(slots, limit)
+        self._last_batch_size = len(slots)
+        return slots
+
+    def _drain(self, slots: list[Slot], limit: int) -> None:
+        while len(slots) < limit:
+            try:
+                slot = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if slot is None:
+                self._stopping.set()
+                return
+            slots.append(slot)
+
+    def _plan(self, slots: list[Slot]) -> list[list[Slot]]:
+        """Start the gather's new jobs; its live inputs as calls (grouped, sorted, split)."""
+        fresh = _unique(s.job for s in slots if not s.job.started)
+        if fresh and self._returning.is_set():
+            for job in fresh:  # shutting down: hand the message back rather than start it
+                job.returned = True
+                job.done.set()
+            slots = [s for s in slots if not s.job.returned]
+            fresh = []
+        if fresh:
+            self._start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
+            for job in fresh:
+                job.started = True
+        live = [s for s in slots if s.job.outcome is None]
+        groups: dict[str, list[Slot]] = {}
+        for slot in live:
+            groups.setdefault(slot.params_key, []).append(slot)
+        calls: list[list[Slot]] = []
+        for group in groups.values():
+            group.sort(key=lambda s: s.length)
+            calls.extend(self._chunks(group))
+        # Jobs that will not run (cancelled, expired) end now.
+        self._complete(_unique(s.job for s in slots if s.job.outcome is not None))
+        return calls
+
+    def _chunks(self, group: list[Slot]) -> Iterable[list[Slot]]:
+        """Split a length-sorted group into the cheapest calls (pipeq.worker.batching.planning)."""
+        ranges = plan_calls(
+            [s.length for s in group], max_size=self.policy.max_batch_size,
+            overhead=self.policy.call_overhead, token_budget=self.policy.max_batch_tokens,
+            # Pipelines whose results change with padding batch equal lengths only.
+            equal_only=self.runner.equal_lengths_only,
+        )
+        for start, end in ranges:
+            yield group[start:end]
+
+    def _run(self, runner: PipelineRunner, chunk: list[Slot], attempt: int = 0) -> None:
+        params = chunk[0].job.request.params
+        started = time.perf_counter()
+        try:
+            outputs = runner.run([s.item for s in chunk], params)
+        except Exception as exc:
+            self._isolate(runner, chunk, exc, attempt)
+            return
+        with self._jobs_lock:
+            for slot, output in zip(chunk, outputs, strict=True):
+                slot.job.outputs[slot.index] = output
+                slot.job.remaining -= 1
+        if self._observe:
+            self._observe(len(chunk), time.perf_counter() - started,
+                          sorted({s.job.job_id for s in chunk}))
+
+    def _isolate(self, runner: PipelineRunner, chunk: list[Slot], exc: Exception,
+                 attempt: int = 0) -> None:
+        if is_transient(exc):
+            self._retry_transient(runner, chunk, exc, attempt)
+            return
+        oom = is_out_of_memory(exc)
+        if oom:
+            runner.free_memory()
+        if len(chunk) > 1:
+            half = len(chunk) // 2
+            log.info("batch of %d failed (%s: %s); retrying in halves", len(chunk),
+                     type(exc).__name__, exc)
+            self._run(runner, chunk[:half])
+            self._run(runner, chunk[half:])
+            return
+        slot = chunk[0]
+        if oom:
+            message = (f"input #{slot.index} does not fit in device memory even alone "
+                       f"({exc}); shorten it or serve the route on a larger device")
+            with self._jobs_lock:
+                slot.job.fail(JobState.FAILURE, "OutOfMemory", message)
+        else:
+            log.info("job %s input #%d failed: %s: %s", slot.job.job_id, slot.index,
+                     type(exc).__name__, exc)
+            with self._jobs_lock:
+                slot.job.fail(JobState.FAILURE, type(exc).__name__,
+                              f"input #{slot.index}: {exc}")
+
+    def _retry_transient(self, runner: PipelineRunner, chunk: list[Slot], exc: Exception,
+                         attempt: int) -> None:
+        """Retry a call that failed transiently, with backoff and jitter, then give up."""
+        if attempt >= self.policy.max_retries:
+            message = (f"{type(exc).__name__}: {exc} (gave up after {attempt + 1} attempts; "
+                       "the error is transient, submitting again may succeed)")
+            with self._jobs_lock:
+                for slot in chunk:
+                    slot.job.fail(JobState.FAILURE, type(exc).__name__, message,
+                                  retryable=True)
+            return
+        delay = self.policy.retry_backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
+        log.info("transient %s on a batch of %d (attempt %d/%d); retrying in %.2fs",
+                 type(exc).__name__, len(chunk), attempt + 1, self.policy.max_retries + 1, delay)
+        time.sleep(delay)
+        self._run(runner, chunk, attempt + 1)
+
+    def _complete(self, jobs: list[JobInFlight]) -> None:
+        """Give the jobs whose inputs are all done their result, then finish every final one."""
+        with self._jobs_lock:
+            for job in jobs:
+                if job.outcome is None and job.remaining == 0:
+                    request = job.request
+                    result = shape_result(self.runner.task, request.inputs, request.single,
+                                          request.params, job.outputs)
+                    job.outcome = Outcome(job.job_id, JobState.SUCCESS, result,
+                                          request.reply_to)
+        self._finish(jobs)
+
+    def _fail_unexpected(self, slots: list[Slot]) -> None:
+        jobs = _unique(s.job for s in slots)
+        with self._jobs_lock:
+            for job in jobs:
+                job.fail(JobState.FAILURE, "WorkerError", "the worker failed to run the batch",
+                         retryable=True)
+        self._finish(jobs)
+
+    def _finish(self, jobs: list[JobInFlight]) -> None:
+        """Store the records of the jobs that have an outcome, each job by one thread once;
+        their tasks are released even when storing fails (finish_jobs retries Redis)."""
+        with self._jobs_lock:
+            finished = [j for j in jobs
+                        if j.outcome is not None and not j.finishing and not j.done.is_set()]
+            for job in finished:
+                job.finishing = True
+        if not finished:
+            return
+        try:
+            self._finish_jobs(finished)
+        finally:
+            for job in finished:
+                job.done.set()
+
+
+def _unique(jobs: Iterable[JobInFlight]) -> list[JobInFlight]:
+    seen: dict[int, JobInFlight] = {}
+    for job in jobs:
+        seen.setdefault(id(job), job)
+    return list(seen.values())

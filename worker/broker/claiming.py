@@ -1,0 +1,253 @@
+"""Taking a message off a queue without a moment in which a killed worker loses it.
+
+kombu's Redis transport pops a message with ``BRPOP`` and records it as unacknowledged in a
+second command. A worker killed (or a connection cut) between the two loses the message: it
+is in neither the queue nor the unacked hash, and no visibility timeout brings it back.
+
+pipeq's channel never pops with a blocking command. It waits on the route's doorbell (a
+list that exists while one of the route's queues may hold a message, rung by every publish:
+pipeq.core.publish) with ``BLMOVE bell bell RIGHT RIGHT``, which blocks until it exists
+and takes nothing, then *claims* the oldest item with one Lua script that pops it and records it
+in kombu's unacked hash and index in the same atomic step, in exactly the format kombu's
+own ``QoS.append`` writes. From that instant a dead worker's message is restored after the
+visibility timeout like any other unacknowledged message. Requires Redis >= 6.2 (BLMOVE).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from queue import Empty
+from typing import TYPE_CHECKING, Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from redis.exceptions import ResponseError
+
+from pipeq.core.keys import bell_of
+from pipeq.core.redis_io import load_lua
+
+log = logging.getLogger("pipeq.consumer")
+
+#: Takes the oldest message of a route's queues and records it as unacknowledged, in one
+#: atomic step (lua/claim.lua says how).
+CLAIM_SCRIPT = load_lua("claim.lua", "pipeq.worker.broker")
+
+#: The oldest Redis with BLMOVE.
+MIN_REDIS = (6, 2)
+
+
+def unsupported_redis(client: Any) -> str | None:
+    """Why the Redis behind ``client`` cannot serve pipeq workers, or None if it can (or
+    cannot be asked now: Celery then keeps retrying the connection)."""
+    try:
+        version = str(client.info("server").get("redis_version", ""))
+    except Exception:  # unreachable now, or INFO refused (some managed services)
+        return None
+    try:
+        found = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None
+    if found >= MIN_REDIS:
+        return None
+    return (f"Redis {version} is too old for pipeq workers: they need Redis >= 6.2 (BLMOVE, to "
+            "take messages off the queue without a moment in which a killed worker loses "
+            "them); upgrade the broker")
+
+
+class AckFlusher:
+    """Removes acknowledged messages from kombu's unacked hash and index, many per round trip.
+
+    kombu sends one MULTI(ZREM, HDEL) per acknowledged message, from the pool thread that
+    ran the job. Here acks of a batch's jobs, which end together, share one. Deferring the
+    removal is safe: until it happens a dead worker's acknowledged message could only be
+    restored and delivered again, and a job whose record is final is not run again.
+    """
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+        self._tags: list[str] = []
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, delivery_tag: str) -> None:
+        """Remove ``delivery_tag``'s unacked record soon."""
+        with self._ready:
+            self._tags.append(delivery_tag)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pipeq-acks",
+                                                daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def flush(self) -> None:
+        """Remove every pending record now (at close)."""
+        with self._ready:
+            tags, self._tags = self._tags, []
+        if tags:
+            self._remove(tags)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._tags:
+                    self._ready.wait()
+                tags, self._tags = self._tags, []
+            try:
+                self._remove(tags)
+            except Exception as exc:  # Redis away: keep them for the next round
+                log.warning("could not acknowledge %d message(s) yet: %s", len(tags), exc)
+                with self._ready:
+                    self._tags[:0] = tags
+                time.sleep(0.5)
+
+    def _remove(self, tags: list[str]) -> None:
+        qos = self.channel.qos
+        with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+
+
+class ClaimedQoS(kombu_redis.QoS):
+    """kombu's QoS, not writing the unacked record a claim wrote already, and removing
+    acknowledged ones in batches (AckFlusher): two round trips and Redis clients a job."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag == self.channel.recorded_claim:
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel.acks.add(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+
+class ClaimingChannel:
+    """Mixin for kombu's Redis ``Channel``: wait with BLMOVE, take with the claim script.
+
+    It replaces the channel's ``BRPOP`` step in kombu's event loop with two alternating
+    commands on the same connection: a claim (non-blocking; repeated while it finds work)
+    and, once the queues are empty, a wait on their doorbell.
+    """
+
+    # Set by kombu's Channel; declared for the type checker.
+    client: Any
+    connection: Any
+    global_keyprefix: str
+    priority_steps: list[int]
+    brpop_timeout: float
+    sep: str
+    unacked_key: str
+    unacked_index_key: str
+    active_queues: list[str]
+    _queue_cycle: Any
+    _in_poll: Any
+    _brpop_sent_at: Any
+    connection_errors: tuple[type[BaseException], ...]
+
+    #: The delivery tag being delivered, when the claim wrote its unacked record (ClaimedQoS).
+    recorded_claim: str | None = None
+    #: Removes the unacked records of acknowledged messages in batches.
+    acks: AckFlusher
+    #: The next command: claim (True) or wait (False).
+    _claim_next = True
+    _pending: str = ""
+
+    QoS = ClaimedQoS
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.acks = AckFlusher(self)
+        super().__init__(*args, **kwargs)
+
+    def close(self) -> None:
+        """Remove the records of acknowledged messages, then close as kombu does."""
+        try:
+            self.acks.flush()
+        except Exception:  # Redis away: they are restored later and not run again
+            log.warning("could not remove the records of acknowledged messages at close",
+                        exc_info=True)
+        super().close()  # type: ignore[misc]
+
+    if TYPE_CHECKING:  # kombu's Channel has these; a stub here would shadow them
+        def _q_for_pri(self, queue: str, pri: int) -> str: ...
+        def _flush_brpop_reauth(self) -> None: ...
+        def _create_client(self, asynchronous: bool = False) -> Any: ...
+
+    def on_claimed(self, item: bytes) -> None:
+        """Called with every claimed item before it is delivered (fault injection)."""
+
+    def _serving_keys(self, queues: list[str]) -> list[str]:
+        return [self.global_keyprefix + self._q_for_pri(queue, pri)
+                for pri in self.priority_steps for queue in queues]
+
+    def _claim_args(self, queues: list[str]) -> list[Any]:
+        prefix = self.global_keyprefix
+        keys = self._serving_keys(queues)
+        return ["EVAL", CLAIM_SCRIPT, 3 + len(keys), prefix + self.unacked_key,
+                prefix + self.unacked_index_key, prefix + bell_of(queues[0]), *keys,
+                repr(time.time())]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self._claim_next:
+            command = self._claim_args(queues)
+        else:
+            # Until the doorbell rings, or one poll interval: a message queued without
+            # ringing it (by a plain Celery client) is still served.
+            wait = timeout if timeout is not None else self.brpop_timeout
+            bell = self.global_keyprefix + bell_of(queues[0])
+            command = ["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1]
+        self._pending = command[0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, self._pending,
+                                                   **options)
+            except ResponseError as exc:
+                if "unknown command" in str(exc).lower() and self._pending == "BLMOVE":
+                    raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
+                                       f"the broker says: {exc}") from exc
+                raise
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if self._pending == "BLMOVE":  # rung, or a poll interval passed: look
+                self._claim_next = True
+                raise Empty()
+            if not reply:
+                self._claim_next = False
+                raise Empty()
+            return self._deliver_claimed(reply[0], reply[1], bool(reply[2]))
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> bool:
+        queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(queue)
+        self.on_claimed(item)
+        payload = loads(bytes_to_str(item))
+        if recorded:  # QoS.append need not write the unacked record again
+            self.recorded_claim = payload["properties"]["delivery_tag"]
+        try:
+            self.connection._deliver(payload, queue)
+        finally:
+            self.recorded_claim = None
+        return True
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        """One message of ``queue`` without blocking (kombu's polling path), claimed."""
+        client = self._create_client()
+        reply = client.execute_command(*self._claim_args([queue]))
+        if not reply:
+            raise Empty()
+        return loads(bytes_to_str(reply[1]))

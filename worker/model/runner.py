@@ -1,0 +1,125 @@
+"""The inference stage: one pipeline call for a batch of inputs, one output per input.
+
+``PipelineRunner.run`` is the only place that calls the pipeline. It checks that a batch
+gives back exactly as many outputs as inputs and converts them to wire values.
+``shape_result`` turns a job's per-input outputs back into what the local pipeline returns
+for the job's original call (one input or a list), including transformers' own quirks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipeq.worker.model.wire import to_wire
+from pipeq.worker.ops.faults import FaultInjector
+
+
+class BatchSizeMismatch(RuntimeError):
+    """Raised when a pipeline call returns a different number of outputs than inputs."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that may pass if the same call is tried again (network, timeouts)."""
+    from pipeq.errors import RetryableError
+
+    return isinstance(exc, ConnectionError | TimeoutError | RetryableError)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA, MPS or an injected one)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class PipelineRunner:
+    """Runs batches of one route's inputs through its loaded pipeline."""
+
+    def __init__(self, pipe: Any, faults: FaultInjector | None = None):
+        self.pipe = pipe
+        self.faults = faults
+        self.task: str = pipe.task
+        self.device = str(getattr(pipe, "device", "cpu"))
+        #: CTC speech recognition decodes the logits of padding too (transformers does not
+        #: trim them), so its batches hold inputs of equal length only (see MicroBatcher).
+        self.equal_lengths_only = (self.task == "automatic-speech-recognition"
+                                   and getattr(pipe, "type", None) in ("ctc", "ctc_with_lm"))
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        """Outputs (wire values) for ``items``, in order, from a single pipeline call."""
+        if self.faults is not None:
+            self.faults.before_call(items)
+        call = dict(params)
+        as_list = True
+        if self.task == "feature-extraction":
+            # Tensors travel as raw bytes; the producer rebuilds the lists tolist() gives.
+            as_list = not call.get("return_tensors", False)
+            call["return_tensors"] = True
+        lengths: list[int] = []
+        with torch.inference_mode(), self._token_lengths(lengths):
+            # Shallow copies: audio pipelines pop keys from dict inputs, and a batch that
+            # fails is retried in halves with the same items.
+            batch = [dict(i) if isinstance(i, dict) else i for i in items]
+            outputs = self.pipe(batch, batch_size=len(items), **call)
+        if self.task == "feature-extraction":
+            outputs = [self._unpad(o, n) for o, n in zip(outputs, lengths, strict=True)]
+        if len(items) == 1 and self.task == "fill-mask":
+            outputs = [outputs]  # fill-mask unwraps one-element lists itself
+        if not isinstance(outputs, list) or len(outputs) != len(items):
+            count = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+            raise BatchSizeMismatch(f"pipeline returned {count} outputs for {len(items)} inputs")
+        return [to_wire(o, tensors_as_list=as_list) for o in outputs]
+
+    @contextlib.contextmanager
+    def _token_lengths(self, lengths: list[int]) -> Iterator[None]:
+        """Record each input's own token count as the pipeline preprocesses it.
+
+        A batched feature-extraction call returns every input's hidden states at the
+        batch's padded length; the unbatched pipeline returns them at the input's own
+        length. The counts let ``_unpad`` cut the padding off again.
+        """
+        if self.task != "feature-extraction":
+            yield
+            return
+        original = self.pipe.preprocess
+
+        def preprocess(inputs: Any, **kwargs: Any) -> Any:
+            model_inputs = original(inputs, **kwargs)
+            lengths.append(int(model_inputs["input_ids"].shape[-1]))
+            return model_inputs
+
+        self.pipe.preprocess = preprocess
+        try:
+            yield
+        finally:
+            del self.pipe.preprocess  # back to the class's method
+
+    def _unpad(self, output: Any, length: int) -> Any:
+        if not isinstance(output, torch.Tensor) or output.shape[-2] == length:
+            return output
+        if getattr(self.pipe.tokenizer, "padding_side", "right") == "left":
+            return output[..., -length:, :]
+        return output[..., :length, :]
+
+    def free_memory(self) -> None:
+        """Release cached device memory after an out-of-memory error."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def shape_result(task: str, items: list[Any], single: bool, params: dict[str, Any],
+                 outputs: list[Any]) -> Any:
+    """The job's result as the local ``pipeline(inputs, **params)`` call would return it."""
+    if single:
+        output = outputs[0]
+        # text-classification wraps a single string's result in a list unless top_k is given.
+        if task == "text-classification" and isinstance(items[0], str) and "top_k" not in params:
+            return [output]
+        return output
+    if task == "fill-mask" and len(outputs) == 1:
+        return outputs[0]  # fill-mask returns a one-element list's result unwrapped
+    return outputs
