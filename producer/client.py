@@ -98,8 +98,9 @@ class Client:
         remaining = (request.deadline or time.time() + 3600) - time.time()
         ttl = claim_ttl_s(max(remaining, 1.0))
         try:
-            self.call_redis(lambda: self.publisher.publish(request, summary=summary,
-                                                           claim_ttl_s=ttl))
+            self.call_redis(lambda: self.publisher.publish(
+                request, record_ttl_s=self.settings.result_ttl_s, summary=summary,
+                claim_ttl_s=ttl))
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {mask_url(self.redis_url)} to enqueue job "

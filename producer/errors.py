@@ -44,6 +44,11 @@ class JobTimeout(RetryableError, TimeoutError):
     """Raised when a job's result did not arrive within the caller's timeout."""
 
 
+class JobNotFound(PipeqError, LookupError):
+    """Raised when no job has the id asked for: never submitted to this deployment, or its
+    record expired (records are kept ``PIPEQ_RESULT_TTL_S``)."""
+
+
 class JobFailed(PipeqError):
     """Raised when a job ended in FAILURE; carries the remote error type and message."""
 
@@ -60,6 +65,16 @@ class JobCancelled(JobFailed):
 
     def __init__(self, job_id: str, message: str = "the job was cancelled"):
         super().__init__(job_id, "JobCancelled", message)
+
+
+class JobLost(JobFailed):
+    """Raised when a job's record vanished before it ended (Redis lost its data, e.g. a
+    restart without persistence): it will never finish; submitting it again may succeed."""
+
+    def __init__(self, job_id: str, message: str = "the job's record vanished from Redis "
+                 "before it ended (Redis lost its data?); it will never finish: submit it "
+                 "again"):
+        super().__init__(job_id, "JobLost", message, retryable=True)
 
 
 class JobExpired(JobFailed):

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from pipeq.core.contract import JobState, Route
 from pipeq.core.store import JobRecord
-from pipeq.errors import JobCancelled, JobExpired, JobFailed, JobTimeout, ValidationError
+from pipeq.errors import (
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobLost,
+    JobNotFound,
+    JobTimeout,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from pipeq.client import Client
@@ -37,9 +45,19 @@ class Job:
         return f"Job({self.id!r}, route={self.route.describe() if self.route else None!r})"
 
     def status(self) -> str:
-        """PENDING, STARTED, SUCCESS, FAILURE, CANCELLED or EXPIRED."""
+        """PENDING, STARTED, SUCCESS, FAILURE, CANCELLED or EXPIRED; JobNotFound if no job
+        has this id."""
         (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
-        return (state or JobState.PENDING).value
+        if state is None:
+            raise self.not_found()
+        return state.value
+
+    def not_found(self) -> JobNotFound:
+        """The error for an id no job has (any more)."""
+        return JobNotFound(
+            f"no job {self.id} in this deployment (prefix {self.client.keys.prefix!r}): never "
+            "submitted here, or its record expired (records are kept PIPEQ_RESULT_TTL_S "
+            f"= {self.client.settings.result_ttl_s}s)")
 
     def done(self) -> bool:
         """True once the job is in a final state."""
@@ -55,16 +73,16 @@ class Job:
         future = self.client.waiter.watch(self.id)
         if not self.watched_from_start:
             record = self.client.call_redis(lambda: self.client.store.get(self.id))
-            if record is not None and record.state.is_final:
-                self.client.waiter.resolve(record)
+            self._take(record)
         try:
             return outcome(future.result(timeout=wait))
         except FutureTimeout:
             self.client.waiter.forget(self.id)
+            (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
             raise JobTimeout(
-                f"job {self.id} did not finish within {wait:g}s (status {self.status()}); "
-                "wait again with job.result(timeout=...) or cancel it"
-            ) from None
+                f"job {self.id} did not finish within {wait:g}s (status "
+                f"{state.value if state else 'unknown'}); wait again with "
+                "job.result(timeout=...) or cancel it") from None
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """The result, awaited without blocking the event loop."""
@@ -73,13 +91,21 @@ class Job:
         if not self.watched_from_start:
             record = await asyncio.to_thread(self.client.call_redis,
                                              lambda: self.client.store.get(self.id))
-            if record is not None and record.state.is_final:
-                self.client.waiter.resolve(record)
+            self._take(record)
         try:
             return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
         except TimeoutError:
             self.client.waiter.forget(self.id)
             raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+
+    def _take(self, record: JobRecord | None) -> None:
+        """Act on the record read before waiting: unknown id, or already final."""
+        if record is None:
+            self.client.waiter.forget(self.id)
+            raise self.not_found()
+        self.client.waiter.mark_published(self.id)
+        if record.state.is_final:
+            self.client.waiter.resolve(record)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self.aresult().__await__()
@@ -91,6 +117,8 @@ class Job:
         but the job stays CANCELLED and its result is discarded.
         """
         before = self.client.call_redis(lambda: self.client.store.cancel(self.id))
+        if before is None:
+            raise self.not_found()
         record = self.client.call_redis(lambda: self.client.store.get(self.id))
         if record is not None:
             self.client.waiter.resolve(record)
@@ -115,5 +143,7 @@ def outcome(record: JobRecord) -> Any:
         raise JobCancelled(record.job_id, message)
     if record.state == JobState.EXPIRED:
         raise JobExpired(record.job_id, message)
+    if error.get("type") == "JobLost":
+        raise JobLost(record.job_id, message)
     raise JobFailed(record.job_id, str(error.get("type", "Error")), message,
                     bool(error.get("retryable", False)))

@@ -68,6 +68,8 @@ class RemotePipeline:
             job.watched_from_start = True
         try:
             self.client.send(request)
+            if _watch:
+                self.client.waiter.mark_published(job.id)
         except BaseException:
             if _watch:
                 self.client.waiter.forget(job.id)

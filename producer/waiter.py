@@ -5,7 +5,8 @@ that finishes a job pushes the job id onto the submitting producer's reply list,
 daemon thread per producer process blocks on that list (BLPOP) and resolves
 ``concurrent.futures.Future`` objects that any thread, or an asyncio loop through
 ``asyncio.wrap_future``, can wait on. A slow poll of the watched jobs' states backs the
-wake-ups up, so a lost wake-up (a Redis restart) delays a result but never loses it.
+wake-ups up, so a lost wake-up (a Redis restart) delays a result but never loses it, and a
+published job whose record is gone (Redis lost its data) ends as ``JobLost`` within a poll.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from concurrent.futures import Future
 
 import redis
 
+from pipeq.core.contract import JobState
 from pipeq.core.keys import Keys
 from pipeq.core.redis_io import Backoff, as_text
 from pipeq.core.store import JobRecord, JobStore
@@ -36,6 +38,8 @@ class ResultWaiter:
         self._conn = blocking_client
         self._poll_s = poll_s
         self._futures: dict[str, Future[JobRecord]] = {}
+        #: Watched jobs known to have a record (published, or read): a missing one is lost.
+        self._published: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -56,10 +60,22 @@ class ResultWaiter:
                 self._thread.start()
         return future
 
+    def watching(self, job_id: str) -> bool:
+        """True while someone waits for the job through this waiter."""
+        with self._lock:
+            return job_id in self._futures
+
+    def mark_published(self, job_id: str) -> None:
+        """The watched job has a record now: from here on, a missing record means lost."""
+        with self._lock:
+            if job_id in self._futures:
+                self._published.add(job_id)
+
     def resolve(self, record: JobRecord) -> None:
         """Resolve the job's Future with a final record (from any thread)."""
         with self._lock:
             future = self._futures.pop(record.job_id, None)
+            self._published.discard(record.job_id)
         if future is not None and not future.done():
             future.set_result(record)
 
@@ -67,6 +83,7 @@ class ResultWaiter:
         """Stop watching a job (its waiter gave up)."""
         with self._lock:
             self._futures.pop(job_id, None)
+            self._published.discard(job_id)
 
     def close(self) -> None:
         """Stop the waiter thread."""
@@ -110,9 +127,17 @@ class ResultWaiter:
     def _poll_states(self) -> set[str]:
         with self._lock:
             watched = list(self._futures)
+            published = set(self._published)
         if not watched:
             return set()
         states = self.store.states(watched)
+        for job_id, state in zip(watched, states, strict=True):
+            if state is None and job_id in published:
+                log.warning("job %s: its record vanished before it ended: lost", job_id)
+                self.resolve(JobRecord(job_id, JobState.FAILURE, error={
+                    "type": "JobLost", "retryable": True, "message":
+                    "the job's record vanished from Redis before it ended (Redis lost its "
+                    "data?); it will never finish: submit it again"}))
         return {j for j, s in zip(watched, states, strict=True) if s is not None and s.is_final}
 
     def _deliver(self, job_ids: list[str]) -> None:

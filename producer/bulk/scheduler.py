@@ -215,6 +215,7 @@ class ChunkScheduler:
         first = chunk.start + offsets[0]
         self.client.send(request, summary=(
             f"{self.progress()} | chunk {chunk.number}: {len(offsets)} input(s) from #{first}"))
+        self.client.waiter.mark_published(request.job_id)
 
     def _valid(self, chunk: Chunk, offset: int) -> bool:
         try:
@@ -279,6 +280,7 @@ class ChunkScheduler:
             if not offsets or any(chunk.answers[o] is not MISSING for o in offsets):
                 continue
             piece = Piece(list(offsets), job_id, waiter.watch(job_id))
+            waiter.mark_published(job_id)
             chunk.pieces.append(piece)
             pairs.append((chunk, piece))
         self.stats.reattached += len(pairs)
@@ -303,8 +305,8 @@ class ChunkScheduler:
                     continue  # a live worker runs it
             elif piece.job_id in queued and not overdue:
                 continue  # still waiting in the bulk queue
-            before = store.cancel(piece.job_id)
-            if before.is_final:  # it ended meanwhile: take its record
+            before = store.cancel(piece.job_id)  # None: its record is gone (lost): send again
+            if before is not None and before.is_final:  # it ended meanwhile: take its record
                 final = store.get(piece.job_id)
                 if final is not None:
                     self.client.waiter.resolve(final)

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from pipeq.core.contract import JobRequest
+from pipeq.core.contract import JobRequest, JobState
 from pipeq.core.keys import Keys
 from pipeq.core.redis_io import load_lua
 
@@ -77,10 +77,11 @@ class Publisher:
         self.client = client
         self.keys = keys
 
-    def publish(self, request: JobRequest, *, summary: str | None = None,
+    def publish(self, request: JobRequest, *, record_ttl_s: int, summary: str | None = None,
                 claim_ttl_s: int | None = None) -> None:
-        """Store ``request.claims`` (expiring after ``claim_ttl_s``), queue the message on its
-        route's lane and ring the route's bell, in one pipelined round trip."""
+        """Store ``request.claims`` (expiring after ``claim_ttl_s``), the job's PENDING record
+        (so that its id is known, and a record that vanishes means a lost job), queue the
+        message on its route's lane and ring the route's bell, in one pipelined round trip."""
         route, lane = request.route, request.lane
         message = task_message(request, self.keys.task_name(route),
                                self.keys.queue_for(route, lane), summary or
@@ -88,6 +89,10 @@ class Publisher:
         with self.client.pipeline(transaction=False) as pipe:
             for key, data in request.claims.items():
                 pipe.set(key, data, ex=claim_ttl_s)
+            record = self.keys.result(request.job_id)
+            # HSETNX: a re-sent job (same id) never turns a started or final record back.
+            pipe.hsetnx(record, "state", JobState.PENDING.value)
+            pipe.expire(record, record_ttl_s)
             pipe.lpush(self.keys.lane_queue_key(route, lane), message)
             # EVAL, not a registered script: a pipeline would ask SCRIPT EXISTS every time.
             pipe.eval(RING_SCRIPT, 1, self.keys.bell(route))

@@ -117,8 +117,9 @@ class JobStore:
             pipe.hget(self.keys.result(job_id), "state")
         return [JobState(as_text(s)) if s else None for s in pipe.execute()]
 
-    def cancel(self, job_id: str) -> JobState:
-        """Mark a job CANCELLED unless already final (atomic); return its state before.
+    def cancel(self, job_id: str) -> JobState | None:
+        """Mark a job CANCELLED unless already final (atomic); return its state before, or
+        None when no job has this id (nothing is written then).
 
         A worker skips a job it finds CANCELLED; one already running finishes, but its
         result does not replace the cancellation.
@@ -130,7 +131,10 @@ class JobStore:
                 try:
                     pipe.watch(key)
                     raw = pipe.hget(key, "state")
-                    state = JobState(as_text(raw)) if raw else JobState.PENDING
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    state = JobState(as_text(raw))
                     if state.is_final:
                         pipe.unwatch()
                         return state

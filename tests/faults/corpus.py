@@ -58,6 +58,12 @@ class Served:
                           deadline=time.time() + 60).model_dump(mode="json")
         return {**body, **overrides}
 
+    def known(self, job_id: str) -> str:
+        """Give a job id its PENDING record, as pipeq's producer does when it submits (a
+        message that bypasses the producer has none, and its id would be unknown)."""
+        self.dep.redis.hset(self.dep.settings.keys.result(job_id), "state", "PENDING")
+        return job_id
+
     def push(self, item: bytes | dict[str, Any]) -> None:
         """LPUSH a raw item onto the route's queue list, as a stray client could."""
         raw = json.dumps(item).encode() if isinstance(item, dict) else item

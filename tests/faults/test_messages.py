@@ -91,7 +91,7 @@ def test_poison_messages_go_to_the_dead_letter_list(served: Served) -> None:
     assert pickled.raw is not None and pickled.request is None
 
     # A task of another route: Celery would drop it; pipeq records a FAILURE for its job.
-    body = served.request(job_id=other_id)
+    body = served.request(job_id=served.known(other_id))
     served.push(kombu_envelope("pipeq.run[some-other-route]", other_id,
                                [[], {"request": body}, {}], served.queue))
     with pytest.raises(JobFailed) as info:
@@ -152,6 +152,7 @@ def test_bad_input_corpus(served: Served) -> None:
         body = message.get("kwargs", {}).get("request")
         task_id = message.pop("task_id", None) or (
             body["job_id"] if isinstance(body, dict) and "job_id" in body else new_job_id())
+        served.known(task_id)
         celery.send_task(served.task_name, task_id=task_id, queue=served.queue, **message)
         sent.append((name, Job(client, task_id), error_type, shown))
     for name, job, error_type, shown in sent:

@@ -23,7 +23,7 @@ from compare import assert_same
 from conftest import Deployment, WorkerProcess
 from tiny_models import build_text_model
 
-from pipeq import Job, RemotePipeline
+from pipeq import Job, RemotePipeline, get_job
 from pipeq.core.celery_config import make_celery
 from pipeq.core.contract import JobRequest, JobState, Route, new_job_id
 from pipeq.core.store import JobStore
@@ -31,6 +31,8 @@ from pipeq.errors import (
     JobCancelled,
     JobExpired,
     JobFailed,
+    JobLost,
+    JobNotFound,
     JobTimeout,
     NoWorkerError,
     ValidationError,
@@ -219,6 +221,8 @@ def _send_raw(route_a: Served, body: Any, task_route: Route | None = None) -> Jo
     """Publish a message straight with Celery, bypassing the producer's checks."""
     client = route_a.remote.client
     job_id = body.get("job_id", new_job_id()) if isinstance(body, dict) else new_job_id()
+    # The job's PENDING record, as pipeq's producer writes it, so the job id is known.
+    client.redis.hset(client.keys.result(job_id), "state", "PENDING")
     make_celery(client.settings).send_task(
         client.keys.task_name(task_route or route_a.route), kwargs={"request": body},
         task_id=job_id, queue=client.keys.queue(route_a.route))
@@ -354,3 +358,42 @@ def test_two_routes_do_not_steal_each_other_jobs(module_deployment: Deployment,
         assert record is not None
         assert record.worker == (host_a if route is route_a else host_b), (
             f"job of {route.route.describe()} ran on {record.worker}")
+
+
+# --- ids nobody submitted, and jobs whose record vanished ------------------------------------
+
+
+def test_an_unknown_job_id_is_not_found_at_once(module_deployment: Deployment,
+                                                route_a: Served) -> None:
+    unknown = get_job("0123456789abcdef0123456789abcdef", route_a.remote.client.settings)
+    started = time.monotonic()
+    for ask in (unknown.status, lambda: unknown.result(timeout=30), unknown.cancel):
+        with pytest.raises(JobNotFound) as info:
+            ask()
+        assert f"no job {unknown.id} in this deployment" in str(info.value)
+        assert "PIPEQ_RESULT_TTL_S" in str(info.value)
+    assert time.monotonic() - started < 5  # never a wait for the timeout
+    assert store(module_deployment).get(unknown.id) is None  # cancel wrote nothing
+
+
+def test_a_queued_job_is_known_before_any_worker_touches_it(module_deployment: Deployment
+                                                            ) -> None:
+    remote = module_deployment.remote(TASK, "pipeq-tests/known-while-queued")
+    job = remote.submit("waits", require_worker=False)
+    assert get_job(job.id, remote.client.settings).status() == "PENDING"
+    assert job.cancel() is True
+
+
+def test_a_job_whose_record_vanishes_is_lost_not_timed_out(module_deployment: Deployment
+                                                          ) -> None:
+    remote = module_deployment.remote(TASK, "pipeq-tests/record-vanishes")
+    job = remote.submit("never runs", require_worker=False)
+    waiting = ThreadPoolExecutor(1).submit(job.result, 60)
+    deadline = time.monotonic() + 10
+    while not remote.client.waiter.watching(job.id):  # the caller waits for it now
+        assert time.monotonic() < deadline, "result() never started waiting"
+        time.sleep(0.01)
+    module_deployment.redis.delete(module_deployment.settings.keys.result(job.id))
+    with pytest.raises(JobLost) as info:
+        waiting.result(timeout=10)  # the waiter polls every second
+    assert info.value.retryable and "submit it again" in str(info.value)
