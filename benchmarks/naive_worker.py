@@ -2,11 +2,12 @@
 
 This is the common pattern pipeq is measured against: a solo-pool worker holding the
 pipeline, the result returned through Celery's Redis result backend as JSON.
-Run: python benchmarks/naive_worker.py REDIS_URL MODEL_DIR QUEUE
+Run: python benchmarks/naive_worker.py REDIS_URL TASK MODEL_DIR QUEUE [DEVICE]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -23,16 +24,17 @@ def make_app(redis_url: str) -> Celery:
 
 def main() -> int:
     """Start the baseline worker."""
-    redis_url, model, queue = sys.argv[1:4]
+    redis_url, task, model, queue = sys.argv[1:5]
+    device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
     import transformers
 
-    pipe = transformers.pipeline("feature-extraction", model=model, device="cpu")
+    pipe = transformers.pipeline(task, model=model, device=device)
     pipe("warm-up")
     app = make_app(redis_url)
 
-    @app.task(name="naive.embed")
-    def embed(text: str) -> Any:
-        return pipe(text)
+    @app.task(name="naive.run")
+    def run(text: str) -> Any:
+        return json.loads(json.dumps(pipe(text), default=lambda v: v.tolist()))
 
     worker = app.Worker(pool="solo", queues=[queue], loglevel="WARNING", quiet=True,
                         without_mingle=True, without_gossip=True)

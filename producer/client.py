@@ -13,11 +13,18 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import redis
+
 from pipeq.core.config import Settings, load_settings
 from pipeq.core.contract import JobRequest, Lane, Route
 from pipeq.core.envelopes import claim_ttl_s
 from pipeq.core.publish import Publisher
-from pipeq.core.redis_io import CONNECTION_ERRORS, call_with_retry, redis_client
+from pipeq.core.redis_io import (
+    CONNECTION_ERRORS,
+    call_with_retry,
+    is_redis_full,
+    redis_client,
+)
 from pipeq.core.registry import Registry
 from pipeq.core.secrets import mask_url
 from pipeq.core.store import JobStore
@@ -101,6 +108,13 @@ class Client:
             self.call_redis(lambda: self.publisher.publish(
                 request, record_ttl_s=self.settings.result_ttl_s, summary=summary,
                 claim_ttl_s=ttl))
+        except redis.ResponseError as exc:
+            if not is_redis_full(exc):
+                raise
+            raise BrokerUnavailable(
+                f"Redis refused job {request.job_id}: it is full ({exc}). Nothing was "
+                "enqueued; free memory (results are kept PIPEQ_RESULT_TTL_S) or raise its "
+                "maxmemory, then submit again") from exc
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {mask_url(self.redis_url)} to enqueue job "

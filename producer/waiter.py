@@ -1,8 +1,9 @@
 """Waiting for many jobs at once, from many threads and from asyncio, on one connection.
 
 Celery's own result consumer is not safe across threads. pipeq does not use it: a worker
-that finishes a job pushes the job id onto the submitting producer's reply list, and one
-daemon thread per producer process blocks on that list (BLPOP) and resolves
+that finishes a job pushes the job id (with its record, when small) onto the submitting
+producer's reply list, and one daemon thread per producer process blocks on that list
+(BLPOP) and resolves
 ``concurrent.futures.Future`` objects that any thread, or an asyncio loop through
 ``asyncio.wrap_future``, can wait on. A slow poll of the watched jobs' states backs the
 wake-ups up, so a lost wake-up (a Redis restart) delays a result but never loses it, and a
@@ -16,13 +17,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from typing import Any
 
 import redis
 
 from pipeq.core.contract import JobState
 from pipeq.core.keys import Keys
-from pipeq.core.redis_io import Backoff, as_text
-from pipeq.core.store import JobRecord, JobStore
+from pipeq.core.redis_io import Backoff
+from pipeq.core.store import JobRecord, JobStore, reply_item
 
 log = logging.getLogger("pipeq.waiter")
 
@@ -61,9 +63,9 @@ class ResultWaiter:
         return future
 
     def watching(self, job_id: str) -> bool:
-        """True while someone waits for the job through this waiter."""
+        """True while someone waits for the job, known to exist, through this waiter."""
         with self._lock:
-            return job_id in self._futures
+            return job_id in self._futures and job_id in self._published
 
     def mark_published(self, job_id: str) -> None:
         """The watched job has a record now: from here on, a missing record means lost."""
@@ -114,15 +116,24 @@ class ResultWaiter:
                 backoff.sleep()
 
     def _next_wakeups(self) -> set[str]:
+        """Pop the reply list; resolve the jobs whose records came with the wake-up and
+        return the ids of watched jobs whose records must be read."""
         item = self._conn.blpop([self.reply_key], timeout=self._poll_s)
         if item is None:
             return set()
-        ids = {as_text(item[1])}
-        more = self._conn.lpop(self.reply_key, 1000)
+        items: list[Any] = [item[1]]
+        more: Any = self._conn.lpop(self.reply_key, 1000)
         if more:
-            ids.update(as_text(m) for m in more)
+            items.extend(more)
+        to_read = set()
+        for raw in items:
+            job_id, record = reply_item(raw)
+            if record is not None and record.state.is_final:
+                self.resolve(record)
+            else:
+                to_read.add(job_id)
         with self._lock:
-            return {i for i in ids if i in self._futures}
+            return {i for i in to_read if i in self._futures}
 
     def _poll_states(self) -> set[str]:
         with self._lock:

@@ -53,7 +53,8 @@ class WorkerRun:
         if metrics_port and slot is not None:
             metrics_port += slot  # one port per pinned process
         return serve(self.spec, self.settings, device, hostname=hostname,
-                     concurrency=self.options.get("concurrency"), metrics_port=metrics_port)
+                     prefetch=self.options.get("prefetch"), metrics_port=metrics_port,
+                     metrics_address=self.options.get("metrics_address") or "0.0.0.0")
 
     def gpu_ids(self) -> list[int] | None:
         """The GPUs to run one pinned process each on (None: serve in this process)."""

@@ -87,7 +87,6 @@ class Chunk:
 class BulkStats:
     """Counters of one scheduler run (for summaries and benchmarks)."""
 
-    chunks_sent: int = 0
     resent: int = 0
     split: int = 0
     reattached: int = 0

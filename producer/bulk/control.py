@@ -11,6 +11,7 @@ import time
 from pipeq.bulk.run import read_state
 from pipeq.client import Client
 from pipeq.core.config import Settings
+from pipeq.errors import JobNotFound
 from pipeq.job import Job
 from pipeq.ops.exits import Exit
 
@@ -81,7 +82,15 @@ def bulk_cancel(settings: Settings, bulk_id: str) -> int:
         client.redis.hset(key, "state", "cancelled")  # no running command will record it
     job_ids = [j for name, value in state.items() if name.startswith("chunk:")
                for j, _ in json.loads(value)]
-    cancelled = sum(Job(client, job_id).cancel() for job_id in job_ids)
+    cancelled = sum(_cancel(client, job_id) for job_id in job_ids)
     print(f"bulk {bulk_id}: cancel requested; {cancelled} queued chunk job(s) cancelled, "
           f"{len(job_ids) - cancelled} already running or done")
     return Exit.OK
+
+
+def _cancel(client: Client, job_id: str) -> bool:
+    """Cancel a chunk job; False when it already ran (its record may be gone: written)."""
+    try:
+        return Job(client, job_id).cancel()
+    except JobNotFound:
+        return False

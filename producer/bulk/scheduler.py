@@ -171,7 +171,6 @@ class ChunkScheduler:
         elif self.cache is not None:
             self._answer_from_cache(chunk)
         self._send_uncovered(chunk)
-        self.stats.chunks_sent += 1
         self._changed(chunk)
 
     def _answer_from_cache(self, chunk: Chunk) -> None:

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     #: Fault injection for pipeq's own fault tests (pipeq.worker.ops.faults); never in production.
     faults: str | None = None
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
+    #: How long a stopping worker (SIGTERM) waits for the jobs in hand before it exits,
+    #: leaving what did not finish to be redelivered.
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     #: A producer refuses to enqueue for a route no live worker serves (NoWorkerError).
     require_worker: bool = True
     max_input_chars: Annotated[int, Field(ge=1)] = 100_000

@@ -25,12 +25,14 @@ from typing import Any
 
 import redis
 
-from pipeq.core.contract import JobRequest, JobState
+from pipeq.core.contract import JobRequest
 from pipeq.core.keys import Keys
 from pipeq.core.redis_io import load_lua
 
 #: The script that rings a doorbell (KEYS[1]) unless it rings already.
 RING_SCRIPT = load_lua("ring.lua")
+#: The script that stores a job's PENDING record, queues its message and rings the bell.
+PUBLISH_SCRIPT = load_lua("publish.lua")
 
 #: Celery's "embed" part of a protocol 2 body: no callbacks, chains or chords.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -76,6 +78,7 @@ class Publisher:
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client = client
         self.keys = keys
+        self._publish = client.register_script(PUBLISH_SCRIPT)
 
     def publish(self, request: JobRequest, *, record_ttl_s: int, summary: str | None = None,
                 claim_ttl_s: int | None = None) -> None:
@@ -86,16 +89,16 @@ class Publisher:
         message = task_message(request, self.keys.task_name(route),
                                self.keys.queue_for(route, lane), summary or
                                default_summary(request))
+        keys = [self.keys.result(request.job_id), self.keys.lane_queue_key(route, lane),
+                self.keys.bell(route)]
+        if not request.claims:  # the common case: one command
+            self._publish(keys=keys, args=[record_ttl_s, message])
+            return
         with self.client.pipeline(transaction=False) as pipe:
             for key, data in request.claims.items():
                 pipe.set(key, data, ex=claim_ttl_s)
-            record = self.keys.result(request.job_id)
-            # HSETNX: a re-sent job (same id) never turns a started or final record back.
-            pipe.hsetnx(record, "state", JobState.PENDING.value)
-            pipe.expire(record, record_ttl_s)
-            pipe.lpush(self.keys.lane_queue_key(route, lane), message)
-            # EVAL, not a registered script: a pipeline would ask SCRIPT EXISTS every time.
-            pipe.eval(RING_SCRIPT, 1, self.keys.bell(route))
+            # EVAL, not the registered script: a pipeline would ask SCRIPT EXISTS each time.
+            pipe.eval(PUBLISH_SCRIPT, len(keys), *keys, record_ttl_s, message)
             pipe.execute()
 
     def message_ids(self, messages: list[Any]) -> set[str]:

@@ -26,6 +26,13 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, OSError)
 
 
+def is_redis_full(exc: BaseException) -> bool:
+    """True for Redis refusing a write at ``maxmemory`` (noeviction), also when the refusal
+    comes from inside a Lua script (Redis 6 wraps it in a script error)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
+
+
 def as_text(value: Any) -> str:
     """A Redis reply (bytes or str) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)

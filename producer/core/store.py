@@ -24,6 +24,12 @@ from pipeq.core.redis_io import as_text, load_lua
 START_SCRIPT = load_lua("job_start.lua")
 FINISH_SCRIPT = load_lua("job_finish.lua")
 
+#: Record data up to this size travels on the producer's reply list with the job id (one
+#: read fewer per job); larger results are read from the record.
+REPLY_INLINE_BYTES = 64 * 1024
+#: Separates the job id, state and data of a reply list item.
+REPLY_SEPARATOR = b"\x1f"
+
 #: Prefix of the fields of a route's stats hash (``Keys.route_stats``) that count the jobs
 #: which ended in each final state: ``jobs:SUCCESS``, ``jobs:FAILURE``, ... (job_finish.lua)
 JOBS_IN_STATE = "jobs:"
@@ -90,7 +96,7 @@ class JobStore:
         keys += [o.reply_to or "" for o in outcomes]
         if stats_key:
             keys.append(stats_key)
-        args: list[Any] = [self.ttl_s]
+        args: list[Any] = [self.ttl_s, REPLY_INLINE_BYTES]
         for o in outcomes:
             data = {"result": o.payload} if o.state == JobState.SUCCESS else {"error": o.payload}
             args += [o.state.value, codec.encode(data), o.job_id]
@@ -148,6 +154,15 @@ class JobStore:
                     return state
                 except redis.WatchError:
                     continue
+
+
+def reply_item(item: bytes) -> tuple[str, JobRecord | None]:
+    """A reply list item: the job id, and its final record when the item carries it."""
+    job_id, sep, rest = item.partition(REPLY_SEPARATOR)
+    if not sep:
+        return as_text(job_id), None
+    state, _, data = rest.partition(REPLY_SEPARATOR)
+    return as_text(job_id), _record(as_text(job_id), state, data, None)
 
 
 def _record(job_id: str, state: Any, data: Any, worker: Any) -> JobRecord | None:

@@ -47,13 +47,16 @@ _OVERRIDES = ("device", "dtype", "trust_remote_code", "max_batch_size", "max_wai
               help="Fetch http(s) URLs given as image/audio inputs (default: off).")
 @click.option("--max-payload-bytes", type=int,
               help="Largest image/audio payload per input (default: PIPEQ_MAX_PAYLOAD_BYTES).")
-@click.option("--concurrency", type=int,
-              help="Celery job threads (default: 2 x max batch size, 4 to 256).")
+@click.option("--prefetch", type=int, metavar="N",
+              help="Messages this worker holds at once (default: 4 x max batch size x model "
+                   "instances: a gather's worth per instance).")
 @click.option("--hostname", help="Unique Celery hostname (default: pipeq.<route>.<device>."
                                  "<pid>@<host>).")
 @click.option("--metrics-port", type=int, metavar="PORT",
               help="Serve this process's Prometheus metrics on PORT (default: off; with "
                    "--gpus, GPU N's process uses PORT+N).")
+@click.option("--metrics-address", default="0.0.0.0", show_default=True,
+              help="Address the --metrics-port exporter listens on.")
 @click.option("--gpu-slot", type=int, hidden=True)
 @click.pass_context
 def worker(ctx: click.Context, **options: Any) -> None:

@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from compare import assert_same
@@ -264,6 +265,11 @@ def worker_cases(served: Served) -> list[tuple[str, dict[str, Any], str, str]]:
          malformed),
         ("unexpected keyword", {"kwargs": {"request": req(), "evil": 1}}, "ValidationError",
          malformed),
+        ("eta in 2099", {**kwargs_of(req()), "eta": datetime(2099, 1, 1, tzinfo=UTC)},
+         "ValidationError", "do not take an eta or countdown"),
+        ("positional argument beside the request",
+         {"args": [1], "kwargs": {"request": req()}}, "ValidationError",
+         "no positional arguments"),
         ("input longer than the model", kwargs_of(req(inputs=["word " * 700])),
          "RuntimeError", "input #0: The size of tensor a"),
     ]
@@ -301,9 +307,9 @@ def raw_items(served: Served) -> list[tuple[str, bytes | dict[str, Any], str]]:
          "not a kombu message (Error: Invalid base64"),
         ("raw: headers a list", {**envelope(), "headers": ["task"]}, "not a kombu message"),
         ("raw: no task header", no_task, "not a task message (no task name in its headers)"),
-        ("raw: no id header", no_id, "invalid task message: 'id'"),
+        ("raw: no id header", no_id, "invalid task message: no usable task id"),
         ("raw: body not [args, kwargs, embed]", kombu_envelope(task, job_id, {"x": 1}, queue),
-         "invalid task message: not enough values to unpack"),
+         "invalid task message: malformed job message: not a Celery protocol 2 body"),
         ("raw: body invalid JSON", kombu_envelope(
             task, new_job_id(), None, queue, raw_body=base64.b64encode(b"{nope").decode()),
          "message cannot be decoded (application/json)"),
@@ -311,10 +317,10 @@ def raw_items(served: Served) -> list[tuple[str, bytes | dict[str, Any], str]]:
             task, new_job_id(), None, queue,
             raw_body=base64.b64encode(b"[" * 100_000 + b"]" * 100_000).decode()),
          "message cannot be decoded"),
-        ("raw: eta not a date", envelope(eta="not-a-date"), "invalid ETA value 'not-a-date'"),
+        ("raw: eta not a date", envelope(eta="not-a-date"), "do not take an eta or countdown"),
         ("raw: expires not a date", envelope(expires="someday"),
-         "invalid expires value 'someday'"),
-        ("raw: timelimit not a pair", envelope(timelimit="x"), "invalid task message"),
+         "do not take a Celery expiry"),
+        ("raw: timelimit not a pair", envelope(timelimit="x"), "do not take a Celery time limit"),
         ("raw: unknown content type", kombu_envelope(task, new_job_id(), None, queue,
                                                      content_type="application/x-yaml",
                                                      raw_body="e30="),

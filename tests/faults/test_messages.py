@@ -223,3 +223,18 @@ def test_same_idempotency_key_runs_once(served: Served) -> None:
     time.sleep(0.5)  # a second execution, if any, would be stored (and counted) by now
     assert stored_count(served.dep, served.remote.route) == stored + 1
     assert starts(served.dep, [raced]) == [1]
+
+
+def test_celery_builtin_tasks_are_dead_lettered_not_run(served: Served) -> None:
+    """Every Celery app registers tasks such as celery.accumulate; a forged message naming
+    one must not run code pipeq never meant to run."""
+    before = len(dead_letters(served.dep))
+    job_id = new_job_id()
+    make_celery(served.dep.settings).send_task("celery.accumulate", args=(1, 2),
+                                               task_id=job_id, queue=served.queue)
+    reason = newest_dead_reason(served, before)
+    assert "task 'celery.accumulate' is not served by pipeq workers" in reason
+    wait_until(lambda: queue_length(served.dep, served.remote.route) == 0, 10,
+               "the forged message to leave the queue")
+    assert unacked_count(served.dep) == 0
+    served.good_job("a good job after a forged built-in task")

@@ -21,6 +21,7 @@ from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.model.instances import instance_plan, replicate
 from pipeq.worker.model.runner import PipelineRunner
+from pipeq.worker.testing import CallbackSink
 
 ROUTE = Route(task="feature-extraction", model="org/m")
 
@@ -74,7 +75,7 @@ def test_two_instances_run_calls_side_by_side_and_finish_each_job_once() -> None
             finished.extend(j.job_id for j in jobs)
 
     batcher = MicroBatcher(runners, BatchPolicy(max_batch_size=4, max_wait_ms=0),
-                           lambda jobs: None, finish)
+                           CallbackSink(finish=finish))
     jobs = [_job([f"{'x' * (n % 7 + 1)}-{j}-{n}" for n in range(10)], f"j{j}")
             for j in range(6)]
     for job in jobs:
@@ -95,7 +96,8 @@ def test_two_instances_run_calls_side_by_side_and_finish_each_job_once() -> None
 
 
 def test_jobs_are_released_when_storing_their_records_fails() -> None:
-    """A task waits for ``done``: a finish_jobs that raises must not leave it waiting."""
+    """A finish_jobs that raises must not leave a job in the batcher for ever (its message
+    stays unacknowledged and is redelivered)."""
     barrier = threading.Barrier(1)
     log: list[tuple[str, list[str]]] = []
     attempts: list[list[str]] = []
@@ -106,7 +108,7 @@ def test_jobs_are_released_when_storing_their_records_fails() -> None:
 
     batcher = MicroBatcher([GatedRunner(barrier, log, "a"), GatedRunner(barrier, log, "b")],
                            BatchPolicy(max_batch_size=4, max_wait_ms=0),
-                           lambda jobs: None, failing_finish)
+                           CallbackSink(finish=failing_finish))
     jobs = [_job(["one", "two"], "j1"), _job(["three"], "j2")]
     batcher.start()
     try:

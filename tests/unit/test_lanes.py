@@ -17,21 +17,25 @@ from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.model.runner import PipelineRunner
+from pipeq.worker.testing import CallbackSink
 
 ROUTE = Route(task="feature-extraction", model="org/m")
 
 
 class RecordingRunner(PipelineRunner):
-    """Records each batch's inputs; each call takes ``seconds``; the first one waits for a gate."""
+    """Records each batch's inputs; each call takes ``seconds``; the first one says it began
+    (``entered``) and waits for a gate."""
 
     def __init__(self, seconds: float = 0.0):
         super().__init__(SimpleNamespace(task="feature-extraction", device="cpu"))
         self.seconds = seconds
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
+        self.entered = threading.Event()
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         if not self.batches:
+            self.entered.set()
             self.gate.wait(10)
         self.batches.append(list(items))
         time.sleep(self.seconds)
@@ -45,7 +49,7 @@ def _job(inputs: list[str], lane: str, job_id: str) -> JobInFlight:
 
 def _batcher(runner: RecordingRunner, size: int = 8) -> MicroBatcher:
     return MicroBatcher(runner, BatchPolicy(max_batch_size=size, max_wait_ms=0),
-                        lambda jobs: None, lambda jobs: None)
+                        CallbackSink())
 
 
 def test_interactive_job_runs_in_the_next_batch_alone_despite_queued_bulk() -> None:
@@ -55,7 +59,7 @@ def test_interactive_job_runs_in_the_next_batch_alone_despite_queued_bulk() -> N
     try:
         blocker = _job(["b" * 3], "bulk", "blocker")
         batcher.submit(blocker)
-        time.sleep(0.2)  # the batcher is now inside the first call, held by the gate
+        assert runner.entered.wait(5)  # the batcher is inside the first call, held by the gate
         bulk = [_job([f"bulk-{c}-{i}" for i in range(16)], "bulk", f"c{c}") for c in range(4)]
         for job in bulk:
             batcher.submit(job)
@@ -114,9 +118,8 @@ def test_interactive_waits_for_one_bulk_call_not_a_whole_gather() -> None:
         bulk = [_job([f"b{c}-{i}" for i in range(16)], "bulk", f"c{c}") for c in range(4)]
         for job in bulk:
             batcher.submit(job)
-        while not runner.batches:
-            time.sleep(0.005)
-        in_hand = len(runner.batches)
+        assert runner.entered.wait(5)
+        in_hand = len(runner.batches) + 1  # (the first call may be recorded after this)
         interactive = _job(["hi"], "interactive", "i1")
         batcher.submit(interactive)
         assert interactive.done.wait(5)

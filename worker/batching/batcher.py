@@ -26,14 +26,15 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pipeq.core.contract import JobState
-from pipeq.core.store import Outcome
 from pipeq.worker.batching.jobs import JobInFlight, Slot, input_length
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
+from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
 
 log = logging.getLogger("pipeq.batcher")
@@ -58,9 +59,22 @@ class BatchPolicy:
     retry_backoff_s: float = 0.5
 
 
-StartJobs = Callable[[list[JobInFlight]], None]
-FinishJobs = Callable[[list[JobInFlight]], None]
-BatchObserver = Callable[[int, float, list[str]], None]
+#: A job to end early, its final state, error type and message.
+Failure = tuple[JobInFlight, JobState, str, str]
+
+
+class JobSink(Protocol):
+    """What the batcher tells about jobs (the route service implements it)."""
+
+    def start_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs enter their first batch: mark them STARTED, or give those that must not run
+        (cancelled, expired, poison) their outcome."""
+
+    def finish_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs have their outcome: store the records, then settle the messages."""
+
+    def return_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs were not started because the worker stops: hand their messages back."""
 
 
 class MicroBatcher:
@@ -71,16 +85,14 @@ class MicroBatcher:
     """
 
     def __init__(self, runners: PipelineRunner | Sequence[PipelineRunner], policy: BatchPolicy,
-                 start_jobs: StartJobs, finish_jobs: FinishJobs,
-                 observe: BatchObserver | None = None):
+                 sink: JobSink, hooks: Middleware | None = None):
         self.runners = [runners] if isinstance(runners, PipelineRunner) else list(runners)
         if not self.runners:
             raise ValueError("MicroBatcher needs at least one runner")
         self.runner = self.runners[0]
         self.policy = policy
-        self._start_jobs = start_jobs
-        self._finish_jobs = finish_jobs
-        self._observe = observe
+        self.sink = sink
+        self.hooks = hooks or Middleware()
         # Interactive inputs before bulk chunks' (batching.lanes); bulk ones sorted by length.
         self._queue: LaneQueue[Slot] = LaneQueue(plan_size=16 * policy.max_batch_size,
                                                  bulk_batch=policy.max_batch_size)
@@ -106,9 +118,14 @@ class MicroBatcher:
             thread.start()
 
     def begin_shutdown(self) -> None:
-        """Stop starting jobs: the batch in hand finishes; jobs not yet started are handed
-        back (``JobInFlight.returned``), so their messages go back to the queue."""
+        """Stop starting jobs: the calls in hand finish; jobs not yet started are handed
+        back (``JobSink.return_jobs``), so their messages go back to the queue."""
         self._returning.set()
+
+    @property
+    def alive(self) -> bool:
+        """True while every batching thread runs (a dead one would strand its jobs)."""
+        return all(thread.is_alive() for thread in self._workers)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the calls in hand, then stop the threads."""
@@ -118,6 +135,15 @@ class MicroBatcher:
         deadline = time.monotonic() + timeout
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def end_early(self, failures: list[Failure]) -> None:
+        """End jobs before all their inputs ran (deadline, run-time limit, bad media): each
+        gets its failure unless it has an outcome already; their records are stored now,
+        and whatever of them still runs later is discarded."""
+        with self._jobs_lock:
+            for job, state, kind, message in failures:
+                job.fail(state, kind, message)
+        self._finish([job for job, *_ in failures])
 
     def submit(self, job: JobInFlight) -> None:
         """Queue every input of ``job`` for batching; ``job.done`` is set when it ends."""
@@ -214,15 +240,15 @@ class MicroBatcher:
 
     def _plan(self, slots: list[Slot]) -> list[list[Slot]]:
         """Start the gather's new jobs; its live inputs as calls (grouped, sorted, split)."""
-        fresh = _unique(s.job for s in slots if not s.job.started)
+        fresh = _unique(s.job for s in slots if not s.job.started and s.job.outcome is None)
         if fresh and self._returning.is_set():
             for job in fresh:  # shutting down: hand the message back rather than start it
                 job.returned = True
-                job.done.set()
+            self.sink.return_jobs(fresh)
             slots = [s for s in slots if not s.job.returned]
             fresh = []
         if fresh:
-            self._start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
+            self.sink.start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
             for job in fresh:
                 job.started = True
         live = [s for s in slots if s.job.outcome is None]
@@ -250,9 +276,11 @@ class MicroBatcher:
 
     def _run(self, runner: PipelineRunner, chunk: list[Slot], attempt: int = 0) -> None:
         params = chunk[0].job.request.params
+        items = [s.item for s in chunk]
         started = time.perf_counter()
         try:
-            outputs = runner.run([s.item for s in chunk], params)
+            self.hooks.before_call(items)
+            outputs = runner.run(items, params)
         except Exception as exc:
             self._isolate(runner, chunk, exc, attempt)
             return
@@ -260,9 +288,8 @@ class MicroBatcher:
             for slot, output in zip(chunk, outputs, strict=True):
                 slot.job.outputs[slot.index] = output
                 slot.job.remaining -= 1
-        if self._observe:
-            self._observe(len(chunk), time.perf_counter() - started,
-                          sorted({s.job.job_id for s in chunk}))
+        self.hooks.after_call(len(chunk), time.perf_counter() - started,
+                              sorted({s.job.job_id for s in chunk}))
 
     def _isolate(self, runner: PipelineRunner, chunk: list[Slot], exc: Exception,
                  attempt: int = 0) -> None:
@@ -315,10 +342,8 @@ class MicroBatcher:
             for job in jobs:
                 if job.outcome is None and job.remaining == 0:
                     request = job.request
-                    result = shape_result(self.runner.task, request.inputs, request.single,
-                                          request.params, job.outputs)
-                    job.outcome = Outcome(job.job_id, JobState.SUCCESS, result,
-                                          request.reply_to)
+                    job.succeed(shape_result(self.runner.task, request.inputs, request.single,
+                                             request.params, job.outputs))
         self._finish(jobs)
 
     def _fail_unexpected(self, slots: list[Slot]) -> None:
@@ -340,7 +365,10 @@ class MicroBatcher:
         if not finished:
             return
         try:
-            self._finish_jobs(finished)
+            self.sink.finish_jobs(finished)
+        except Exception:  # never let a batching thread die; the messages stay unacked
+            log.exception("could not finish %d job(s); their messages will be redelivered",
+                          len(finished))
         finally:
             for job in finished:
                 job.done.set()

@@ -1,15 +1,32 @@
-"""Jobs inside the worker: a job in flight (its request, outputs, outcome and completion
-signal) and the slots its inputs wait in for a batch."""
+"""Jobs inside the worker: a job in flight (its request, outputs, outcome, completion signal
+and the delivery of its message) and the slots its inputs wait in for a batch."""
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipeq.core.contract import JobRequest, JobState
 from pipeq.core.store import Outcome
 from pipeq.worker.model.media import media_length
+
+
+class Delivery(Protocol):
+    """How a job's message is settled with whoever delivered it: Celery's consumer
+    (``pipeq.worker.broker.strategy``) or a test harness (``pipeq.worker.testing``)."""
+
+    #: kombu's delivery tag of the message (its entry in the unacked hash), if any.
+    delivery_tag: str | None
+    #: What Flower shows as the job's arguments (never the inputs themselves).
+    summary: str
+
+    def ack(self) -> None:
+        """The job's record is stored: the message may go."""
+
+    def requeue(self) -> None:
+        """The job was not started here: put the message back for another worker."""
 
 
 @dataclass(eq=False)
@@ -17,6 +34,13 @@ class JobInFlight:
     """One job inside the worker: its request, collected outputs and completion signal."""
 
     request: JobRequest
+    #: The message's delivery (None in tests that feed the batcher directly).
+    delivery: Delivery | None = None
+    #: Where the finished job's id is pushed to wake its producer: the request's reply_to,
+    #: checked to be one of this deployment's reply lists (None: nobody to wake).
+    reply_key: str | None = None
+    #: When the worker accepted the job's message (time.time()).
+    received_at: float = field(default_factory=time.time)
     outputs: list[Any] = field(default_factory=list)
     remaining: int = 0
     outcome: Outcome | None = None
@@ -31,6 +55,8 @@ class JobInFlight:
     items: list[Any] = field(default_factory=list)
     #: Claimed by the batcher thread that hands the job to ``finish_jobs`` (exactly one).
     finishing: bool = False
+    #: False when the job's end was recorded elsewhere already (a re-delivered finished job).
+    announce: bool = True
 
     def __post_init__(self) -> None:
         if not self.items:
@@ -43,6 +69,12 @@ class JobInFlight:
         """The job's id."""
         return self.request.job_id
 
+    def ended(self) -> Ended:
+        """How the job leaves the worker (its outcome; None when handed back)."""
+        outcome = None if self.returned else self.outcome
+        return Ended(self.job_id, self.delivery, outcome, self.received_at, self.started_at,
+                     self.announce)
+
     def fail(self, state: JobState, error_type: str, message: str, retryable: bool = False
              ) -> None:
         """Record a failure outcome (the first outcome wins)."""
@@ -50,8 +82,34 @@ class JobInFlight:
             self.outcome = Outcome(
                 self.job_id, state,
                 {"type": error_type, "message": message, "retryable": retryable},
-                self.request.reply_to,
+                self.reply_key,
             )
+
+    def succeed(self, result: Any) -> None:
+        """Record the job's result (unless an outcome was recorded first)."""
+        if self.outcome is None:
+            self.outcome = Outcome(self.job_id, JobState.SUCCESS, result, self.reply_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A job as it leaves the worker: its message acknowledged, or handed back."""
+
+    job_id: str
+    delivery: Delivery | None
+    #: The job's final outcome; None when it was handed back unstarted.
+    outcome: Outcome | None
+    received_at: float
+    #: When it started running (0.0: never started here).
+    started_at: float = 0.0
+    #: False when its end was recorded before this delivery (a re-delivered finished job):
+    #: nothing new to announce.
+    announce: bool = True
+
+    @property
+    def requeued(self) -> bool:
+        """True when the message went back to the queue for another worker."""
+        return self.outcome is None
 
 
 @dataclass(slots=True)

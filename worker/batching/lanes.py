@@ -103,11 +103,6 @@ class LaneQueue(Generic[T]):
         """The next input of the batch being formed, or ``queue.Empty``."""
         return self.get(block=False)
 
-    def qsize(self) -> tuple[int, int]:
-        """Waiting inputs per lane: (interactive, bulk)."""
-        with self._cond:
-            return len(self._interactive), len(self._pending) + len(self._plan)
-
     def _take(self, begins: bool) -> tuple[bool, T | None]:
         if self._stops:
             self._stops -= 1

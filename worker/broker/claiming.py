@@ -7,10 +7,12 @@ is in neither the queue nor the unacked hash, and no visibility timeout brings i
 pipeq's channel never pops with a blocking command. It waits on the route's doorbell (a
 list that exists while one of the route's queues may hold a message, rung by every publish:
 pipeq.core.publish) with ``BLMOVE bell bell RIGHT RIGHT``, which blocks until it exists
-and takes nothing, then *claims* the oldest item with one Lua script that pops it and records it
-in kombu's unacked hash and index in the same atomic step, in exactly the format kombu's
-own ``QoS.append`` writes. From that instant a dead worker's message is restored after the
-visibility timeout like any other unacknowledged message. Requires Redis >= 6.2 (BLMOVE).
+and takes nothing, then *claims* the oldest items (as many as the prefetch limit allows)
+with one Lua script that pops them and records them in kombu's unacked hash and index in the
+same atomic step, in exactly the format kombu's own ``QoS.append`` writes, and says whether
+the queues hold more (claim again at once) or not (wait on the doorbell). From that instant
+a dead worker's message is restored after the visibility timeout like any other
+unacknowledged message. Requires Redis >= 6.2 (BLMOVE).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kombu.utils.json import loads
 from redis.exceptions import ResponseError
 
 from pipeq.core.keys import bell_of
-from pipeq.core.redis_io import load_lua
+from pipeq.core.redis_io import is_redis_full, load_lua
 
 log = logging.getLogger("pipeq.consumer")
 
@@ -36,6 +38,8 @@ log = logging.getLogger("pipeq.consumer")
 #: atomic step (lua/claim.lua says how).
 CLAIM_SCRIPT = load_lua("claim.lua", "pipeq.worker.broker")
 
+#: The most messages one claim takes (bounded further by the prefetch limit's room).
+MAX_CLAIM = 64
 #: The oldest Redis with BLMOVE.
 MIN_REDIS = (6, 2)
 
@@ -124,6 +128,18 @@ class ClaimedQoS(kombu_redis.QoS):
         self.channel.acks.add(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_visible(self, *args: Any, **kwargs: Any) -> Any:
+        """kombu's sweep for messages of dead workers; a full Redis (which refuses its
+        mutex) skips a sweep instead of stopping the consumer."""
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except ResponseError as exc:
+            if not is_redis_full(exc):
+                raise
+            log.warning("Redis is full: skipping the sweep for unacknowledged messages (%s)",
+                        exc)
+            return None
+
 
 class ClaimingChannel:
     """Mixin for kombu's Redis ``Channel``: wait with BLMOVE, take with the claim script.
@@ -143,6 +159,7 @@ class ClaimingChannel:
     unacked_key: str
     unacked_index_key: str
     active_queues: list[str]
+    qos: Any
     _queue_cycle: Any
     _in_poll: Any
     _brpop_sent_at: Any
@@ -154,6 +171,8 @@ class ClaimingChannel:
     acks: AckFlusher
     #: The next command: claim (True) or wait (False).
     _claim_next = True
+    #: Redis refused the last claim because it is full: wait a second before the next.
+    _pause_next = False
     _pending: str = ""
 
     QoS = ClaimedQoS
@@ -183,26 +202,45 @@ class ClaimingChannel:
         return [self.global_keyprefix + self._q_for_pri(queue, pri)
                 for pri in self.priority_steps for queue in queues]
 
-    def _claim_args(self, queues: list[str]) -> list[Any]:
+    def _claim_args(self, queues: list[str], count: int = 1) -> list[Any]:
         prefix = self.global_keyprefix
         keys = self._serving_keys(queues)
         return ["EVAL", CLAIM_SCRIPT, 3 + len(keys), prefix + self.unacked_key,
                 prefix + self.unacked_index_key, prefix + bell_of(queues[0]), *keys,
-                repr(time.time())]
+                repr(time.time()), count]
+
+    def _redis_full(self, exc: Exception) -> None:
+        """A claim refused by a full Redis took nothing (the script records before it pops):
+        pause, then claim again."""
+        now = time.monotonic()
+        if now - getattr(self, "_full_warned_at", 0.0) > 30:
+            self._full_warned_at = now
+            log.warning("Redis is full (maxmemory): no message can be claimed until it has "
+                        "room (%s)", exc)
+        self._pause_next = True
+
+    def _claim_count(self) -> int:
+        """How many messages one claim may take: what the prefetch limit leaves room for."""
+        room = self.qos.can_consume_max_estimate()
+        return max(1, min(MAX_CLAIM, room if room is not None else MAX_CLAIM))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if self._claim_next:
-            command = self._claim_args(queues)
+        if self._pause_next:
+            # A blocking read of a key that never exists: a pause that does not block the
+            # event loop (BLMOVE, a write, would be refused by a full Redis too).
+            command: list[Any] = ["BLPOP", self.global_keyprefix + "pipeq.pause", 1]
+        elif self._claim_next:
+            command = self._claim_args(queues, self._claim_count())
         else:
             # Until the doorbell rings, or one poll interval: a message queued without
             # ringing it (by a plain Celery client) is still served.
             wait = timeout if timeout is not None else self.brpop_timeout
             bell = self.global_keyprefix + bell_of(queues[0])
             command = ["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1]
-        self._pending = command[0]
+        self._pending = str(command[0])
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
         self.client.connection.send_command(*command)
@@ -216,38 +254,52 @@ class ClaimingChannel:
                 if "unknown command" in str(exc).lower() and self._pending == "BLMOVE":
                     raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
                                        f"the broker says: {exc}") from exc
-                raise
+                if not is_redis_full(exc):
+                    raise
+                self._redis_full(exc)
+                raise Empty() from None
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if self._pending == "BLMOVE":  # rung, or a poll interval passed: look
-                self._claim_next = True
-                raise Empty()
-            if not reply:
-                self._claim_next = False
-                raise Empty()
-            return self._deliver_claimed(reply[0], reply[1], bool(reply[2]))
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+        if self._pending in ("BLMOVE", "BLPOP"):  # rung, paused, or a poll interval: look
+            self._claim_next, self._pause_next = True, False
+            raise Empty()
+        # Claim again at once only while the queues hold more: else wait on the doorbell.
+        self._claim_next = bool(reply and reply[0])
+        claimed = [reply[i:i + 3] for i in range(1, len(reply or []), 3)]
+        if not claimed:
+            raise Empty()
+        for key, item, recorded in claimed:
+            self._deliver_claimed(key, item, bool(recorded))
+        return True
 
-    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> bool:
+    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> None:
+        """Hand one claimed item to kombu (and Celery); a bad item is the transport's to
+        dead-letter (``deliver_failed``), and never stops the others of the claim."""
         queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         self.on_claimed(item)
-        payload = loads(bytes_to_str(item))
-        if recorded:  # QoS.append need not write the unacked record again
-            self.recorded_claim = payload["properties"]["delivery_tag"]
         try:
+            payload = loads(bytes_to_str(item))
+            if recorded:  # QoS.append need not write the unacked record again
+                self.recorded_claim = payload["properties"]["delivery_tag"]
             self.connection._deliver(payload, queue)
+        except Exception as exc:
+            self.deliver_failed(item, exc)
         finally:
             self.recorded_claim = None
-        return True
+
+    def deliver_failed(self, item: bytes, exc: Exception) -> None:
+        """A claimed item could not be delivered (the transport keeps it as a dead letter)."""
+        raise exc
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         """One message of ``queue`` without blocking (kombu's polling path), claimed."""
         client = self._create_client()
         reply = client.execute_command(*self._claim_args([queue]))
-        if not reply:
+        if not reply or len(reply) < 4:
             raise Empty()
-        return loads(bytes_to_str(reply[1]))
+        return loads(bytes_to_str(reply[2]))

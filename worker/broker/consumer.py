@@ -48,57 +48,79 @@ class BatchedEventsConsumer(Consumer):
         self._flush_events()
 
 
-def consumer_class(dead_letters: DeadLetters) -> type[Consumer]:
-    """A Consumer class that records undecodable and unknown messages in ``dead_letters``."""
+class PipeqConsumer(BatchedEventsConsumer):
+    """Celery's consumer, keeping poison messages as dead letters and running no task but
+    the route's (``consumer_class`` sets both)."""
 
-    class PipeqConsumer(BatchedEventsConsumer):
-        """Celery's consumer, keeping poison messages as dead letters."""
+    dead_letters: DeadLetters
+    served_task: str
 
-        def on_decode_error(self, message: Any, exc: Exception) -> None:
-            self._keep(message, f"message cannot be decoded ({message.content_type}): {exc}")
-            super().on_decode_error(message, exc)
+    def update_strategies(self) -> None:
+        """Celery's strategies; every task but the route's (Celery's built-in tasks such as
+        ``celery.accumulate``, registered in every app) dead-letters its messages: a forged
+        message must not run code pipeq never meant to run."""
+        super().update_strategies()
+        for name in list(self.strategies):
+            if name != self.served_task:
+                self.strategies[name] = self._refuse(name)
 
-        def on_unknown_message(self, body: Any, message: Any) -> None:
-            self._keep(message, "not a task message (no task name in its headers)")
-            super().on_unknown_message(body, message)
+    def _refuse(self, name: str) -> Any:
+        def refuse(message: Any, *_: Any, **__: Any) -> None:
+            self._keep(message, f"task {name!r} is not served by pipeq workers")
+            message.ack()
 
-        def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-            self._keep(message, f"invalid task message: {exc}")
-            super().on_invalid_task(body, message, exc)
+        return refuse
 
-        def create_task_handler(self, promise: Any = promise) -> Any:
-            """Celery's task handler; a message it chokes on becomes an invalid task.
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._keep(message, f"message cannot be decoded ({message.content_type}): {exc}")
+        super().on_decode_error(message, exc)
 
-            Celery lets an error from a malformed task message (no ``id`` header, an
-            unparseable ``eta`` or ``expires``) escape to the event loop, which takes it for
-            a lost connection: it restores the message, receives it again and, after five
-            restarts in a second, stops the worker.
-            """
-            handle = super().create_task_handler(promise)
-            # kombu's Redis transport counts KeyError among its connection errors.
-            lost = tuple(e for e in self.connection_errors if e is not KeyError)
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._keep(message, "not a task message (no task name in its headers)")
+        super().on_unknown_message(body, message)
 
-            def on_task_received(message: Any) -> Any:
-                try:
-                    return handle(message)
-                except lost:
-                    raise
-                except Exception as exc:
-                    return self.on_invalid_task(None, message, exc)
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._keep(message, f"invalid task message: {exc}")
+        super().on_invalid_task(body, message, exc)
 
-            return on_task_received
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        """Celery's task handler; a message it chokes on becomes an invalid task.
 
-        def _keep(self, message: Any, reason: str) -> None:
+        Celery lets an error from a malformed task message (no ``id`` header, an unparseable
+        ``eta`` or ``expires``) escape to the event loop, which takes it for a lost
+        connection: it restores the message, receives it again and, after five restarts in
+        a second, stops the worker.
+        """
+        handle = super().create_task_handler(promise)
+        # kombu's Redis transport counts KeyError among its connection errors.
+        lost = tuple(e for e in self.connection_errors if e is not KeyError)
+
+        def on_task_received(message: Any) -> Any:
             try:
-                headers = getattr(message, "headers", None) or {}
-                info = getattr(message, "delivery_info", None) or {}
-                entry = dead_letters.add(
-                    reason, queue=info.get("routing_key"), job_id=headers.get("id"),
-                    raw=message.body if isinstance(message.body, bytes)
-                    else str(message.body).encode(),
-                )
-                log.warning("dead letter %s: %s", entry.id, reason)
-            except Exception:  # never let bookkeeping stop the consumer
-                log.exception("could not record a dead letter (%s)", reason)
+                return handle(message)
+            except lost:
+                raise
+            except Exception as exc:
+                return self.on_invalid_task(None, message, exc)
 
-    return PipeqConsumer
+        return on_task_received
+
+    def _keep(self, message: Any, reason: str) -> None:
+        try:
+            headers = getattr(message, "headers", None) or {}
+            info = getattr(message, "delivery_info", None) or {}
+            entry = self.dead_letters.add(
+                reason, queue=info.get("routing_key"), job_id=headers.get("id"),
+                raw=message.body if isinstance(message.body, bytes)
+                else str(message.body).encode(),
+            )
+            log.warning("dead letter %s: %s", entry.id, reason)
+        except Exception:  # never let bookkeeping stop the consumer
+            log.exception("could not record a dead letter (%s)", reason)
+
+
+def consumer_class(dead_letters: DeadLetters, served_task: str) -> type[Consumer]:
+    """The consumer class of a worker serving ``served_task``, dead-lettering into
+    ``dead_letters``."""
+    return type("PipeqRouteConsumer", (PipeqConsumer,),
+                {"dead_letters": dead_letters, "served_task": served_task})

@@ -11,36 +11,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
-from celery.worker import state
 
 from pipeq.core.keys import Keys
 
 log = logging.getLogger("pipeq.leases")
 
 
-def held_delivery_tags() -> list[str]:
-    """Delivery tags of the messages this worker process holds (reserved or running)."""
-    tags = []
-    for request in list(state.reserved_requests) + list(state.active_requests):
-        message = getattr(request, "message", None)
-        tag = getattr(message, "delivery_tag", None)
-        if tag:
-            tags.append(str(tag))
-    return sorted(set(tags))
-
-
 class LeaseKeeper:
-    """Refreshes kombu's unacked index for held messages every visibility_timeout / 4."""
+    """Refreshes kombu's unacked index for held messages every visibility_timeout / 8.
 
-    def __init__(self, client: redis.Redis, keys: Keys, visibility_timeout_s: float):
+    An eighth, not less often: a renewal can come late (a busy machine, a Redis call that
+    waits), and a message whose lease lapses while its job waits in the worker would be
+    restored and run again by another worker (its record stays first-wins, but the work
+    is done twice).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, visibility_timeout_s: float,
+                 held_delivery_tags: Callable[[], list[str]]):
+        self.held_delivery_tags = held_delivery_tags
         self.client = client
         self.keys = keys
-        self.interval_s = max(0.5, visibility_timeout_s / 4)
+        self.interval_s = max(0.25, visibility_timeout_s / 8)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pipeq-leases", daemon=True)
-        self.renewed = 0
 
     def start(self) -> None:
         """Start refreshing."""
@@ -52,13 +48,13 @@ class LeaseKeeper:
 
     def renew(self) -> int:
         """Refresh the delivery time of every held message now; returns how many."""
-        tags = held_delivery_tags()
+        tags = self.held_delivery_tags()
         if not tags:
             return 0
         now = time.time()
         # XX: only refresh entries that still exist (acked ones must not come back).
         self.client.zadd(self.keys.unacked_index(), dict.fromkeys(tags, now), xx=True)
-        self.renewed += len(tags)
+        log.debug("renewed the leases of %d held message(s)", len(tags))
         return len(tags)
 
     def _run(self) -> None:

@@ -101,21 +101,22 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         if self.faults is not None:
             self.faults.after_claim(item)
 
-    def _brpop_read(self, **options: Any) -> Any:
-        try:
-            return super()._brpop_read(**options)
-        except json.JSONDecodeError as exc:  # (kombu decodes bytes with errors="replace")
-            raw, reason = exc.doc.encode(), f"queue item is not JSON: {exc}"
-        except NotAKombuMessage as exc:
+    def deliver_failed(self, item: bytes, exc: Exception) -> None:
+        """A claimed item that is not a kombu message becomes a dead letter; anything else
+        (a lost connection) goes on up to kombu."""
+        if isinstance(exc, NotAKombuMessage):
             raw = json.dumps(exc.payload).encode()
             reason = f"queue item is not a kombu message ({exc})"
             self._forget_claim(exc.payload)
+        elif isinstance(exc, ValueError):  # not JSON (kombu decodes with errors="replace")
+            raw, reason = item, f"queue item is not JSON: {exc}"
+        else:
+            raise exc
         try:
             entry = self.dead_letters.add(reason, raw=raw)
             log.warning("dead letter %s: %s", entry.id, reason)
         except Exception:  # never let bookkeeping stop the consumer
             log.exception("could not record a dead letter (%s)", reason)
-        return True
 
     def _forget_claim(self, payload: Any) -> None:
         """Drop the unacked entry of a claimed item that is being dead-lettered (else the

@@ -45,9 +45,7 @@ def replicate(runner: PipelineRunner, instances: int) -> list[PipelineRunner]:
     """``runner`` and ``instances - 1`` runners on copies of its pipeline sharing the model."""
     runners = [runner]
     for _ in range(instances - 1):
-        clone = PipelineRunner(pipeline_instance(runner.pipe))
-        clone.faults = runner.faults
-        runners.append(clone)
+        runners.append(PipelineRunner(pipeline_instance(runner.pipe)))
     return runners
 
 

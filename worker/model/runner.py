@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from pipeq.worker.model.wire import to_wire
-from pipeq.worker.ops.faults import FaultInjector
 
 
 class BatchSizeMismatch(RuntimeError):
@@ -39,9 +38,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class PipelineRunner:
     """Runs batches of one route's inputs through its loaded pipeline."""
 
-    def __init__(self, pipe: Any, faults: FaultInjector | None = None):
+    def __init__(self, pipe: Any):
         self.pipe = pipe
-        self.faults = faults
         self.task: str = pipe.task
         self.device = str(getattr(pipe, "device", "cpu"))
         #: CTC speech recognition decodes the logits of padding too (transformers does not
@@ -51,8 +49,6 @@ class PipelineRunner:
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         """Outputs (wire values) for ``items``, in order, from a single pipeline call."""
-        if self.faults is not None:
-            self.faults.before_call(items)
         call = dict(params)
         as_list = True
         if self.task == "feature-extraction":

@@ -24,9 +24,13 @@ import threading
 import time
 from typing import Any
 
+from pipeq.worker.hooks import Middleware
 
-class FaultInjector:
-    """Wraps a runner's ``run`` with the faults named in the spec."""
+
+class FaultInjector(Middleware):
+    """Injects the faults named in the spec: before pipeline calls (as middleware), and
+    after claims (called by pipeq's kombu channel, which builds its own injector from the
+    same spec: kombu creates channels where no middleware can reach)."""
 
     def __init__(self, spec: str):
         self.options: dict[str, str] = {}

@@ -28,7 +28,8 @@ class Heartbeat:
 
     def __init__(self, registry: Registry, hostname: str, route: Route, device: str,
                  extra: dict[str, Any] | None = None,
-                 probe: Callable[[], dict[str, Any]] | None = None):
+                 probe: Callable[[], dict[str, Any]] | None = None,
+                 healthy: Callable[[], bool] | None = None):
         self.registry = registry
         self.hostname = hostname
         self.route = route
@@ -36,6 +37,9 @@ class Heartbeat:
         self.extra = extra or {}
         #: Called at each beat for fields that change (e.g. device memory in use).
         self.probe = probe
+        #: Whether the worker can do its work now (batcher alive, Redis answering): a
+        #: worker that cannot announces itself not ready (``pipeq status``: DOWN).
+        self.healthy = healthy or (lambda: True)
         self.ready = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -72,7 +76,8 @@ class Heartbeat:
                 log.warning("heartbeat probe failed: %s", exc)
         now = time.time()
         body = {"hostname": self.hostname, "route": self.route.model_dump(),
-                "device": self.device, "ready": self.ready, "pid": os.getpid(),
+                "device": self.device, "ready": self.ready and self.healthy(),
+                "pid": os.getpid(),
                 "started_at": self.started_at, "last_beat": now, **extra}
         keys, ttl = self.registry.keys, self.registry.beat_ttl_s
         with self.registry.client.pipeline(transaction=False) as pipe:

@@ -1,6 +1,6 @@
 """What one worker process reports about its route: metrics, route totals and log lines.
 
-Three outlets, fed by the same hooks (the batcher's ``observe`` callback, the start of each
+Three outlets, fed by the same middleware hooks (each pipeline call, the start of each
 batch's jobs, and every stored job outcome):
 
 - one structured log line per batch and per job outcome (``pipeq.batch``, ``pipeq.job``;
@@ -37,8 +37,9 @@ import redis
 
 from pipeq.core.contract import JobState, Route
 from pipeq.core.keys import Keys
-from pipeq.core.store import JOBS_IN_STATE, JobStore, Outcome
-from pipeq.worker.batching.batcher import JobInFlight, StartJobs
+from pipeq.core.store import JOBS_IN_STATE, Outcome
+from pipeq.worker.batching.jobs import JobInFlight
+from pipeq.worker.hooks import Middleware
 
 
 @dataclass(slots=True)
@@ -148,8 +149,8 @@ class _PrometheusMetrics:
         return int(server.server_port)
 
 
-class WorkerMetrics:
-    """Per-route instrumentation of one worker process (thread-safe)."""
+class WorkerMetrics(Middleware):
+    """Per-route instrumentation of one worker process (thread-safe), as middleware."""
 
     def __init__(self, route: Route, max_batch_size: int, device: str, client: redis.Redis,
                  keys: Keys, flush_s: float = 2.0):
@@ -186,14 +187,14 @@ class WorkerMetrics:
             self._thread.join(10)
         self.flush()
 
-    def mark_ready(self) -> None:
+    def after_ready(self) -> None:
         """The pipeline is loaded, warmed up and consuming."""
         if self._prometheus:
             self._prometheus.ready.set(1)
 
     # hooks
-    def on_batch(self, size: int, seconds: float, job_ids: list[str]) -> None:
-        """The batcher's ``observe`` callback: one pipeline call of ``size`` inputs."""
+    def after_call(self, size: int, seconds: float, job_ids: list[str]) -> None:
+        """One pipeline call of ``size`` inputs."""
         fill = size / self.max_batch_size
         with self._lock:
             self._totals.inputs += size
@@ -212,25 +213,17 @@ class WorkerMetrics:
                    "seconds": round(seconds, 6), "job_ids": job_ids},
         )
 
-    def wrap_start_jobs(self, start_jobs: StartJobs) -> StartJobs:
-        """``start_jobs`` of the batcher, also measuring each job's wait in the queue."""
-
-        def start(jobs: list[JobInFlight]) -> None:
-            start_jobs(jobs)
-            self.on_jobs_started(jobs)
-
-        return start
-
-    def on_jobs_started(self, jobs: list[JobInFlight]) -> None:
+    def after_jobs_started(self, jobs: list[JobInFlight]) -> None:
         """Jobs taken into a batch (after the store marked them STARTED or skipped them)."""
         now, started = time.time(), time.monotonic()
         waits: list[float] = []
         cancelled: list[JobInFlight] = []
         with self._lock:
             for job in jobs:
-                if job.done.is_set():  # skipped: nothing will be stored for it
-                    if job.outcome is not None and job.outcome.state == JobState.CANCELLED:
-                        cancelled.append(job)  # cancelled while it was queued
+                if not job.announce:  # a re-delivered finished job: nothing new
+                    continue
+                if job.outcome is not None and job.outcome.state == JobState.CANCELLED:
+                    cancelled.append(job)  # cancelled while it was queued: no record to store
                     continue
                 self._running[job.job_id] = (job.request.submitted_at, started)
                 if job.outcome is None:  # not expired: it runs now
@@ -246,7 +239,7 @@ class WorkerMetrics:
             self._log_outcome(job.job_id, JobState.CANCELLED, None,
                               max(0.0, now - job.request.submitted_at), None)
 
-    def on_outcomes(self, outcomes: list[Outcome], stored: list[bool]) -> None:
+    def after_outcomes(self, outcomes: list[Outcome], stored: list[bool]) -> None:
         """Final records the store was asked to write (``stored``: which it did write)."""
         now, ended = time.time(), time.monotonic()
         with self._lock:
@@ -312,18 +305,3 @@ class WorkerMetrics:
         while not self._stop.wait(self.flush_s):
             self.flush()
             self._update_memory()
-
-
-class InstrumentedJobStore(JobStore):
-    """The worker's job store: counts final states per route and reports every outcome."""
-
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int, metrics: WorkerMetrics):
-        super().__init__(client, keys, ttl_s)
-        self.metrics = metrics
-
-    def finish(self, outcomes: list[Outcome], stats_key: str | None = None) -> list[bool]:
-        """Store final records, counting each stored state in the route's stats hash."""
-        stored = super().finish(outcomes, stats_key or self.metrics.stats_key)
-        self.metrics.on_outcomes(outcomes, stored)
-        return stored
-

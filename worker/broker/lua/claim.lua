@@ -1,16 +1,24 @@
--- Claim the oldest message of a route's queues (see pipeq.worker.broker.claiming).
+-- Claim the oldest messages of a route's queues (see pipeq.worker.broker.claiming).
 -- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] the queues' doorbell
 -- (pipeq.core.publish), KEYS[4..] queue lists in the order to serve.
--- ARGV[1] the claim time (the client's clock, as kombu's restore compares with it).
--- Leaving every queue empty, the claim silences the doorbell: waiting workers then block.
--- The unacked entry is built from the item's own bytes ('[' item ',' EX ',' RK ']'), so it
--- is byte-for-byte the message kombu would restore. An item that is not a kombu message is
--- returned unrecorded: the transport dead-letters it and nothing would ever restore it.
-local taken = false
-local recorded = 0
+-- ARGV[1] the claim time (the client's clock, as kombu's restore compares with it),
+-- ARGV[2] the most messages to take.
+-- Returns {more, key, item, recorded, key, item, recorded, ...}: more is 1 while a queue
+-- still holds a message. Leaving every queue empty, the claim silences the doorbell: waiting
+-- workers then block. Each unacked entry is built from the item's own bytes
+-- ('[' item ',' EX ',' RK ']'), so it is byte-for-byte the message kombu would restore. An
+-- item that is not a kombu message is returned unrecorded: the transport dead-letters it and
+-- nothing would ever restore it.
+local out = {0}
+local wanted = tonumber(ARGV[2]) or 1
+local taken = 0
 for i = 4, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
+  while taken < wanted do
+    -- Read, record, and only then pop: a Redis at maxmemory refuses the record (HSET) before
+    -- anything was taken, so a full Redis can never make a claim lose a message.
+    local item = redis.call('LINDEX', KEYS[i], -1)
+    if not item then break end
+    local recorded = 0
     local ok, msg = pcall(cjson.decode, item)
     if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
       local tag = msg.properties.delivery_tag
@@ -24,12 +32,18 @@ for i = 4, #KEYS do
         recorded = 1
       end
     end
-    taken = {KEYS[i], item, recorded}
-    break
+    redis.call('RPOP', KEYS[i])
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = item
+    out[#out + 1] = recorded
+    taken = taken + 1
   end
 end
 for i = 4, #KEYS do
-  if redis.call('LLEN', KEYS[i]) > 0 then return taken end
+  if redis.call('LLEN', KEYS[i]) > 0 then
+    out[1] = 1
+    return out
+  end
 end
 redis.call('DEL', KEYS[3])
-return taken
+return out

@@ -1,0 +1,119 @@
+"""Closed-loop rows of one workload: the in-process limits, naive Celery, and pipeq.
+
+In-process: one call at a time; sorted batches (the limit every ratio is taken against);
+the closed-loop ceiling (the texts in groups of the producer count, in arrival order, each
+group sorted and split into calls of at most 8: what a server with zero overhead could do
+for producers that each wait for their answer). Naive Celery: one task per request, one
+pipeline call per task, JSON results. pipeq: single requests from N producers, list jobs,
+a bulk ``map()``, and light load (one request at a time: p50 added over the in-process call).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from benchmarks.common import Setup, concurrent, percentile, pipeq_worker, row, start
+
+
+def in_process_rows(task: str, model: str, texts: list[str], setup: Setup, producers: int,
+                    label: str) -> tuple[list[dict[str, Any]], list[float]]:
+    """The in-process rows of ``task``; also every single call's latency."""
+    import torch
+    import transformers
+
+    pipe = transformers.pipeline(task, model=model, device=setup.device)
+    pipe(texts[:8], batch_size=8)
+    batch = setup.batch
+    with torch.inference_mode():
+        latencies = []
+        started = time.perf_counter()
+        for text in texts:
+            t0 = time.perf_counter()
+            pipe(text)
+            latencies.append(time.perf_counter() - t0)
+        seq = row(f"{label}: in-process sequential", len(texts), time.perf_counter() - started,
+                  latencies)
+        ordered = sorted(texts, key=len)
+        batch_lat = []
+        started = time.perf_counter()
+        for i in range(0, len(ordered), batch):
+            t0 = time.perf_counter()
+            pipe(ordered[i:i + batch], batch_size=batch)
+            batch_lat.append(time.perf_counter() - t0)
+        batched = row(f"{label}: in-process batched (sorted, {batch}) = limit", len(texts),
+                      time.perf_counter() - started, batch_lat, limit=True)
+        ceiling_lat = []
+        started = time.perf_counter()
+        for i in range(0, len(texts), producers):
+            group = sorted(texts[i:i + producers], key=len)
+            for j in range(0, len(group), 8):
+                t0 = time.perf_counter()
+                pipe(group[j:j + 8], batch_size=8)
+                ceiling_lat.append(time.perf_counter() - t0)
+        ceiling = row(f"{label}: in-process, groups of {producers} (ceiling for {producers} "
+                      "producers)", len(texts), time.perf_counter() - started, ceiling_lat,
+                      ceiling=producers)
+    return [seq, batched, ceiling], latencies
+
+
+def naive_row(task: str, model: str, texts: list[str], setup: Setup, producers: int,
+              label: str) -> dict[str, Any]:
+    """One Celery task per request, one pipeline call per task (solo pool, JSON results)."""
+    from benchmarks.naive_worker import make_app
+
+    queue = f"naive-{uuid.uuid4().hex[:6]}"
+    proc = start([sys.executable, "benchmarks/naive_worker.py", setup.redis_url, task, model,
+                  queue, setup.device], dict(os.environ), "naive worker ready",
+                 setup.workdir / f"{queue}.log")
+    local = threading.local()
+
+    def call(text: str) -> Any:
+        if not hasattr(local, "app"):  # Celery's result consumer is per thread here
+            local.app = make_app(setup.redis_url)
+        return local.app.send_task("naive.run", args=(text,), queue=queue).get(timeout=300)
+
+    try:
+        call("warm-up")
+        seconds, latencies = concurrent(texts, producers, call)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return row(f"{label}: naive Celery, {producers} producers", len(texts), seconds,
+               latencies)
+
+
+def pipeq_rows(task: str, model: str, texts: list[str], setup: Setup, producer_counts: list[int],
+               list_size: int, local_latencies: list[float], label: str
+               ) -> list[dict[str, Any]]:
+    """pipeq single-request jobs, list jobs, a bulk map() and light-load latency."""
+    rows = []
+    with pipeq_worker(setup, task, model) as remote:
+        remote(texts[:16])
+        for producers in producer_counts:
+            seconds, latencies = concurrent(texts, producers, lambda t: remote(t))
+            rows.append(row(f"{label}: pipeq single requests, {producers} producers",
+                            len(texts), seconds, latencies, producers=producers))
+        chunks = [texts[i:i + list_size] for i in range(0, len(texts), list_size)]
+        list_producers = max(1, min(4, len(chunks)))
+        seconds, latencies = concurrent(chunks, list_producers, lambda c: remote(c))
+        rows.append(row(f"{label}: pipeq list jobs ({list_size} inputs/job)", len(texts),
+                        seconds, latencies))
+        started = time.perf_counter()
+        done = sum(1 for _ in remote.map(texts, chunk_size=list_size, max_in_flight=8))
+        rows.append(row(f"{label}: pipeq bulk map() ({list_size}/chunk, 8 in flight)", done,
+                        time.perf_counter() - started, [time.perf_counter() - started]))
+        light = texts[:200]
+        lat = []
+        for text in light:
+            t0 = time.perf_counter()
+            remote(text)
+            lat.append(time.perf_counter() - t0)
+        local_p50 = percentile(local_latencies[:200], 50)
+        rows.append(row(f"{label}: pipeq light load (1 at a time)", len(light), sum(lat), lat,
+                        added_p50_ms=round(1000 * (percentile(lat, 50) - local_p50), 2)))
+    return rows

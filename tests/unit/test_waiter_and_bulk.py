@@ -1,0 +1,91 @@
+"""The producer's result waiter and the bulk chunk scheduler, against a real Redis and the
+in-process worker (pipeq.worker.testing): many jobs woken on one connection, from threads
+and asyncio; bulk answers in input order, failing inputs answered alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+
+from pipeq import RemotePipeline, Settings, pipeline
+from pipeq.bulk import ItemError
+from pipeq.client import Client
+from pipeq.core.config import RouteSpec
+from pipeq.worker.testing import EchoRunner, InProcessWorker
+
+TASK = "text-classification"
+MODEL = "org/echo"
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Iterator[Settings]:
+    """A deployment of its own (key prefix) on the test Redis; its keys go afterwards."""
+    prefix = f"w{uuid.uuid4().hex[:10]}"
+    settings = Settings(redis_url=redis_url, queue_prefix=prefix, require_worker=False,
+                        routes_file="/nonexistent/routes.toml")
+    yield settings
+    Client.discard(settings)
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def remote(settings: Settings) -> RemotePipeline:
+    return pipeline(TASK, model=MODEL, settings=settings)
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[InProcessWorker]:
+    runner = EchoRunner(TASK, fail_on="poison")
+    spec = RouteSpec(task=TASK, model=MODEL, max_wait_ms=0, max_batch_size=8)
+    with InProcessWorker(settings, spec, runner) as harness, harness.running():
+        yield harness
+
+
+def expected(text: str) -> list[dict[str, object]]:
+    return [{"label": "LEN", "score": len(text)}]
+
+
+def test_one_waiter_wakes_many_threads(remote: RemotePipeline,
+                                       worker: InProcessWorker) -> None:
+    texts = [f"thread {i} " + "y" * (i % 7) for i in range(40)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda t: remote(t, timeout=20), texts))
+    assert results == [expected(t) for t in texts]
+    waiters = [t for t in threading.enumerate() if t.name == "pipeq-result-waiter"]
+    assert len(waiters) == 1  # one thread serves every caller of the process
+
+
+def test_asyncio_callers_share_the_waiter(remote: RemotePipeline,
+                                          worker: InProcessWorker) -> None:
+    async def main() -> list[object]:
+        jobs = [remote.submit(f"async {i}") for i in range(10)]
+        return list(await asyncio.gather(*(job.aresult(timeout=20) for job in jobs)))
+
+    assert asyncio.run(main()) == [expected(f"async {i}") for i in range(10)]
+
+
+def test_map_answers_in_input_order_through_chunks(remote: RemotePipeline,
+                                                   worker: InProcessWorker) -> None:
+    texts = [f"item {i} " + "z" * (i % 11) for i in range(100)]
+    answers = list(remote.map(iter(texts), chunk_size=8, max_in_flight=3, timeout=20))
+    assert answers == [expected(t)[0] for t in texts]
+    assert worker.taken == 13  # 100 inputs in chunks of 8: 13 chunk jobs
+
+
+def test_map_answers_only_the_failing_input_with_an_error(remote: RemotePipeline,
+                                                          worker: InProcessWorker) -> None:
+    texts = [f"item {i}" for i in range(20)]
+    texts[13] = "poison 13"
+    answers = list(remote.map(texts, chunk_size=5, on_error="record", timeout=20))
+    assert [a for a in answers if isinstance(a, ItemError)] == [
+        ItemError("ValueError", "input containing 'poison' refused")]
+    assert isinstance(answers[13], ItemError)
+    assert answers[:13] == [expected(t)[0] for t in texts[:13]]

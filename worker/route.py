@@ -1,0 +1,43 @@
+"""Assembling one route's job path: service, batcher, runners and middleware.
+
+``serve`` (a real worker) and ``pipeq.worker.testing`` (the in-process harness of the tests)
+build the route's parts with the same function, so the harness runs exactly the job path a
+worker runs, minus Celery and the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from pipeq.core.config import RouteSpec, Settings
+from pipeq.core.store import JobStore
+from pipeq.worker.batching.batcher import GATHER_CALLS, BatchPolicy, MicroBatcher
+from pipeq.worker.hooks import Hooks, Middleware
+from pipeq.worker.model.media import MediaPolicy
+from pipeq.worker.model.runner import PipelineRunner
+from pipeq.worker.redis_guard import RedisGuard
+from pipeq.worker.service import RouteService
+
+
+def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname: str,
+             runners: Sequence[PipelineRunner], *, call_overhead: float | None = None,
+             middleware: Sequence[Middleware] = ()) -> RouteService:
+    """The route's service, with its batcher attached (not yet started)."""
+    hooks = Hooks(middleware)
+    store = JobStore(client, settings.keys, settings.result_ttl_s)
+    media = MediaPolicy(spec.allow_urls, spec.max_payload_bytes or settings.max_payload_bytes)
+    service = RouteService(spec.route, settings, store, hostname, media=media, hooks=hooks,
+                           run_timeout_s=spec.timeout_s, guard=RedisGuard())
+    policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
+                         call_overhead, settings.max_retries, settings.retry_backoff_s)
+    service.attach(MicroBatcher(runners, policy, service, hooks))
+    return service
+
+
+def prefetch_limit(spec: RouteSpec, instances: int) -> int:
+    """How many messages a worker of ``spec`` holds at once: enough for a gather per model
+    instance (the batcher's unit of sorting and planning), no more, so that several workers
+    of a route share a queue instead of one hoarding it."""
+    return GATHER_CALLS * spec.max_batch_size * max(1, instances)
