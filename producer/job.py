@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Generator
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +38,9 @@ class Job:
         self.client = client
         self.id = job_id
         self.route = route
-        #: Watched since before its message was sent: its end cannot have been missed, so
-        #: ``result()`` need not read the record first.
-        self.watched_from_start = False
+        #: Set when the job was watched since before its message was sent (``submit``): its
+        #: end cannot have been missed, so ``result()`` need not read the record first.
+        self.future: Future[JobRecord] | None = None
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, route={self.route.describe() if self.route else None!r})"
@@ -70,8 +71,8 @@ class Job:
         settings' ``default_timeout_s``); the job itself goes on and can be waited for again.
         """
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
-        future = self.client.waiter.watch(self.id)
-        if not self.watched_from_start:
+        future, unseen = self._watch()
+        if unseen:
             record = self.client.call_redis(lambda: self.client.store.get(self.id))
             self._take(record)
         try:
@@ -87,8 +88,8 @@ class Job:
     async def aresult(self, timeout: float | None = None) -> Any:
         """The result, awaited without blocking the event loop."""
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
-        future = self.client.waiter.watch(self.id)
-        if not self.watched_from_start:
+        future, unseen = self._watch()
+        if unseen:
             record = await asyncio.to_thread(self.client.call_redis,
                                              lambda: self.client.store.get(self.id))
             self._take(record)
@@ -97,6 +98,15 @@ class Job:
         except TimeoutError:
             self.client.waiter.forget(self.id)
             raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+
+    def _watch(self) -> tuple[Future[JobRecord], bool]:
+        """The Future of the job's final record, and whether the record must be read first:
+        not when the job was watched since its submission (its wake-up cannot be missed);
+        yes for a handle from ``get_job`` or after a wait that timed out."""
+        if self.future is not None and self.future.done():
+            return self.future, False
+        future = self.client.waiter.watch(self.id)
+        return future, future is not self.future
 
     def _take(self, record: JobRecord | None) -> None:
         """Act on the record read before waiting: unknown id, or already final."""

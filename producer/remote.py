@@ -63,16 +63,14 @@ class RemotePipeline:
             if existing is not None:
                 return Job(self.client, existing, self.route)
         job = Job(self.client, request.job_id, self.route)
-        if _watch:  # the caller waits for the result: watch before it can arrive
-            self.client.waiter.watch(job.id)
-            job.watched_from_start = True
+        # Watched before its message is sent, so its wake-up (which carries the result when
+        # small) cannot be missed: a later result() reads nothing more from Redis.
+        job.future = self.client.waiter.watch(job.id, awaited=_watch)
         try:
             self.client.send(request)
-            if _watch:
-                self.client.waiter.mark_published(job.id)
+            self.client.waiter.mark_published(job.id)
         except BaseException:
-            if _watch:
-                self.client.waiter.forget(job.id)
+            self.client.waiter.forget(job.id)
             if idempotency_key is not None:  # nothing was enqueued: free the key again
                 self.client.delete(self.client.keys.idempotency(idempotency_key))
             raise

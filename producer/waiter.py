@@ -28,6 +28,9 @@ from pipeq.core.store import JobRecord, JobStore, reply_item
 
 log = logging.getLogger("pipeq.waiter")
 
+#: Jobs watched since submission but not awaited are polled this many times less often.
+PASSIVE_POLL_FACTOR = 30
+
 
 class ResultWaiter:
     """Resolves one Future per watched job when its record becomes final."""
@@ -42,18 +45,27 @@ class ResultWaiter:
         self._futures: dict[str, Future[JobRecord]] = {}
         #: Watched jobs known to have a record (published, or read): a missing one is lost.
         self._published: set[str] = set()
+        #: Watched jobs someone waits on now; the others were watched at submit time only
+        #: (their results are kept for a later ``result()``) and are polled less often.
+        self._awaited: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
 
-    def watch(self, job_id: str) -> Future[JobRecord]:
-        """A Future resolved with the job's final record (shared by all who watch the job)."""
+    def watch(self, job_id: str, awaited: bool = True) -> Future[JobRecord]:
+        """A Future resolved with the job's final record (shared by all who watch the job).
+
+        ``awaited=False``: watched from submission so that the result, pushed to this
+        producer's reply list, is kept for a later ``result()`` without reading Redis again.
+        """
         with self._lock:
             future = self._futures.get(job_id)
             if future is None:
                 future = Future()
                 self._futures[job_id] = future
+            if awaited:
+                self._awaited.add(job_id)
             self._wake.set()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -78,6 +90,7 @@ class ResultWaiter:
         with self._lock:
             future = self._futures.pop(record.job_id, None)
             self._published.discard(record.job_id)
+            self._awaited.discard(record.job_id)
         if future is not None and not future.done():
             future.set_result(record)
 
@@ -86,6 +99,7 @@ class ResultWaiter:
         with self._lock:
             self._futures.pop(job_id, None)
             self._published.discard(job_id)
+            self._awaited.discard(job_id)
 
     def close(self) -> None:
         """Stop the waiter thread."""
@@ -93,7 +107,7 @@ class ResultWaiter:
         self._wake.set()
 
     def _run(self) -> None:
-        last_poll = time.monotonic()
+        last_poll = last_full_poll = time.monotonic()
         backoff = Backoff()
         while not self._stopping.is_set():
             with self._lock:
@@ -105,9 +119,15 @@ class ResultWaiter:
                 continue
             try:
                 finished = self._next_wakeups()
-                if time.monotonic() - last_poll >= self._poll_s:
-                    finished |= self._poll_states()
-                    last_poll = time.monotonic()
+                now = time.monotonic()
+                if now - last_poll >= self._poll_s:
+                    # Jobs nobody awaits yet are polled rarely: their wake-ups suffice but
+                    # for lost ones, whose Futures must not be kept forever.
+                    everyone = now - last_full_poll >= PASSIVE_POLL_FACTOR * self._poll_s
+                    finished |= self._poll_states(everyone)
+                    last_poll = now
+                    if everyone:
+                        last_full_poll = now
                 if finished:
                     self._deliver(sorted(finished))
                 backoff.reset()
@@ -135,9 +155,9 @@ class ResultWaiter:
         with self._lock:
             return {i for i in to_read if i in self._futures}
 
-    def _poll_states(self) -> set[str]:
+    def _poll_states(self, everyone: bool) -> set[str]:
         with self._lock:
-            watched = list(self._futures)
+            watched = list(self._futures) if everyone else list(self._awaited)
             published = set(self._published)
         if not watched:
             return set()

@@ -72,6 +72,16 @@ def test_asyncio_callers_share_the_waiter(remote: RemotePipeline,
     assert asyncio.run(main()) == [expected(f"async {i}") for i in range(10)]
 
 
+def test_a_submitted_job_keeps_its_delivered_result_for_result(
+        remote: RemotePipeline, worker: InProcessWorker, settings: Settings) -> None:
+    job = remote.submit("kept for later")
+    assert job.future is not None
+    job.future.result(timeout=20)  # the wake-up carried the record: nothing more to read
+    client = Client.for_settings(settings)
+    client.redis.delete(client.keys.result(job.id))
+    assert job.result(timeout=5) == expected("kept for later")
+
+
 def test_map_answers_in_input_order_through_chunks(remote: RemotePipeline,
                                                    worker: InProcessWorker) -> None:
     texts = [f"item {i} " + "z" * (i % 11) for i in range(100)]
