@@ -65,7 +65,8 @@ def print_rows(rows: list[dict[str, Any]], machine: str) -> None:
     print(f"{'row':78} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x limit':>7}")
     for r in rows:
         notes = "".join(f"  {key}={r[key]}" for key in (
-            "x_ceiling", "added_p50_ms", "x_raw_celery", "submit_ms_per_job") if key in r)
+            "x_ceiling", "added_p50_ms", "x_raw_celery", "submit_ms_per_job",
+            "queue_overhead_ms", "x_raw_celery_overhead") if key in r)
         print(f"{r['row']:78} {r.get('req_per_s', ''):>8} {r.get('p50_ms', ''):>8} "
               f"{r.get('p99_ms', ''):>8} {r.get('x_limit', ''):>7}{notes}")
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="pipeq-bench-"))
     redis_proc, redis_url = start_redis_server(workdir / "redis")
-    setup = Setup(redis_url, workdir, args.device, args.cpu_instances, args.batch)
+    setup = Setup(redis_url, workdir, args.device, args.cpu_instances, args.batch,
+                  redis_proc.pid)
     rows: list[dict[str, Any]] = []
     try:
         for suite in args.suites.split(","):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -75,6 +76,15 @@ def start(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> subproc
     raise SystemExit(f"worker not ready:\n{log.read_text()}")
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by process ``pid`` (default: this process)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Setup:
     """What every benchmark part shares: Redis, a work folder, the device and options."""
@@ -84,6 +94,8 @@ class Setup:
     device: str = "cpu"
     cpu_instances: int = 0
     batch: int = 32
+    #: The benchmark's Redis server process, for CPU accounting.
+    redis_pid: int | None = None
 
 
 @contextlib.contextmanager
@@ -103,7 +115,9 @@ def pipeq_worker(setup: Setup, task: str, model: str, *extra: str) -> Iterator[A
                  "pipeq worker ready", setup.workdir / f"pipeq-{prefix}.log")
     settings = Settings(redis_url=setup.redis_url, queue_prefix=prefix, routes_file=routes)
     try:
-        yield pipeline(task, model=model, settings=settings)
+        remote = pipeline(task, model=model, settings=settings)
+        remote.worker_pid = proc.pid  # type: ignore[attr-defined]  # for CPU accounting
+        yield remote
     finally:
         proc.terminate()
         proc.wait(60)
