@@ -41,11 +41,11 @@ def workload_rows(suite: str, model: str, texts: list[str], setup: Setup,
                   args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every row of one MiniLM workload, each with its ratio to the in-process limit."""
     task, label = WORKLOADS[suite]
-    rows, local_latencies = in_process_rows(task, model, texts, setup, args.producers[0], label)
+    rows, local = in_process_rows(task, model, texts, setup, args.producers[0], label)
     if not args.skip_naive:
         rows.append(naive_row(task, model, texts, setup, args.producers[0], label))
     rows += pipeq_rows(task, model, texts, setup, args.producers, args.list_size,
-                       local_latencies, label)
+                       local, label)
     limit = rows[1]["req_per_s"]
     if not args.skip_open_loop:
         with pipeq_worker(setup, task, model) as remote:

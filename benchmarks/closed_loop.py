@@ -21,8 +21,8 @@ from benchmarks.common import Setup, concurrent, percentile, pipeq_worker, row, 
 
 
 def in_process_rows(task: str, model: str, texts: list[str], setup: Setup, producers: int,
-                    label: str) -> tuple[list[dict[str, Any]], list[float]]:
-    """The in-process rows of ``task``; also every single call's latency."""
+                    label: str) -> tuple[list[dict[str, Any]], Any]:
+    """The in-process rows of ``task``; also the local pipeline (for the light-load row)."""
     import torch
     import transformers
 
@@ -58,7 +58,7 @@ def in_process_rows(task: str, model: str, texts: list[str], setup: Setup, produ
         ceiling = row(f"{label}: in-process, groups of {producers} (ceiling for {producers} "
                       "producers)", len(texts), time.perf_counter() - started, ceiling_lat,
                       ceiling=producers)
-    return [seq, batched, ceiling], latencies
+    return [seq, batched, ceiling], pipe
 
 
 def naive_row(task: str, model: str, texts: list[str], setup: Setup, producers: int,
@@ -88,8 +88,7 @@ def naive_row(task: str, model: str, texts: list[str], setup: Setup, producers: 
 
 
 def pipeq_rows(task: str, model: str, texts: list[str], setup: Setup, producer_counts: list[int],
-               list_size: int, local_latencies: list[float], label: str
-               ) -> list[dict[str, Any]]:
+               list_size: int, local: Any, label: str) -> list[dict[str, Any]]:
     """pipeq single-request jobs, list jobs, a bulk map() and light-load latency."""
     rows = []
     with pipeq_worker(setup, task, model) as remote:
@@ -107,13 +106,25 @@ def pipeq_rows(task: str, model: str, texts: list[str], setup: Setup, producer_c
         done = sum(1 for _ in remote.map(texts, chunk_size=list_size, max_in_flight=8))
         rows.append(row(f"{label}: pipeq bulk map() ({list_size}/chunk, 8 in flight)", done,
                         time.perf_counter() - started, [time.perf_counter() - started]))
-        light = texts[:200]
-        lat = []
-        for text in light:
-            t0 = time.perf_counter()
-            remote(text)
-            lat.append(time.perf_counter() - t0)
-        local_p50 = percentile(local_latencies[:200], 50)
-        rows.append(row(f"{label}: pipeq light load (1 at a time)", len(light), sum(lat), lat,
-                        added_p50_ms=round(1000 * (percentile(lat, 50) - local_p50), 2)))
+        rows.append(light_load_row(remote, local, texts[:200], label))
     return rows
+
+
+def light_load_row(remote: Any, local: Any, texts: list[str], label: str) -> dict[str, Any]:
+    """One request at a time, each text called in-process and then through pipeq in turn, so
+    that drift in a shared machine's speed falls on both: p50 added over the local call."""
+    import torch
+
+    lat, local_lat = [], []
+    for text in texts:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            local(text)
+            local_lat.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        remote(text)
+        lat.append(time.perf_counter() - t0)
+    added = percentile(lat, 50) - percentile(local_lat, 50)
+    return row(f"{label}: pipeq light load (1 at a time)", len(texts), sum(lat), lat,
+               added_p50_ms=round(1000 * added, 2),
+               local_p50_ms=round(1000 * percentile(local_lat, 50), 2))
