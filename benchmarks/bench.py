@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             if suite in WORKLOADS:
                 rows += workload_rows(suite, args.model, sentences(args.count), setup, args)
             elif suite == "drain":
-                rows += drain_rows(setup, sentences(args.drain_count, seed=1))
+                rows += drain_rows(setup, args.drain_count)
             else:
                 parser.error(f"unknown suite {suite!r}")
     finally:

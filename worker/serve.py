@@ -129,19 +129,18 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
                        spec.route.describe(), device, settings.keys.queue(spec.route),
                        spec.max_batch_size, spec.max_wait_ms, instances, held, hostname)
 
-    def on_shutdown(sender: Any = None, how: str = "", **_: Any) -> None:
-        # Runs on the consumer's thread before Celery stops: the loop takes no more messages
-        # while the jobs in hand finish and unstarted ones go back to the queue.
+    def on_shutdown(warm: bool) -> None:
+        # On the consumer's thread, its loop ended (see PipeqConsumer): the loop takes no
+        # more messages while the jobs in hand finish and unstarted ones go back to the queue.
         log.info("worker %s shutting down (%s): finishing the jobs in hand", hostname,
-                 how or "warm")
+                 "warm" if warm else "cold")
         heartbeat.stop()
         service.begin_shutdown()
         settler.go_direct()
-        if how != "Cold":
+        if warm:
             service.drain(settings.drain_timeout_s)
 
     signals.worker_ready.connect(on_ready, weak=False)
-    signals.worker_shutting_down.connect(on_shutdown, weak=False)
     # Celery warns about a default it will change in 6.0; pipeq sets it explicitly.
     warnings.filterwarnings("ignore", category=CPendingDeprecationWarning)
     leases = LeaseKeeper(client, settings.keys, settings.visibility_timeout_s,
@@ -157,7 +156,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
         loglevel=settings.log_level,
         without_mingle=True, without_gossip=True, optimization="fair", quiet=True,
         consumer_cls=consumer_class(DeadLetters(client, settings.keys),
-                                    settings.keys.task_name(spec.route)),
+                                    settings.keys.task_name(spec.route), on_shutdown),
     )
     try:
         worker.start()

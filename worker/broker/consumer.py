@@ -8,8 +8,10 @@ dead-letter list with the reason, then lets Celery drop it; the worker goes on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 from celery.worker.consumer import Consumer
 from vine import promise
 
@@ -54,6 +56,31 @@ class PipeqConsumer(BatchedEventsConsumer):
 
     dead_letters: DeadLetters
     served_task: str
+    #: Called on the consumer's thread once its loop ends for a shutdown (True: warm).
+    on_shutdown: Callable[[bool], None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        loop: Callable[..., Any] = self.loop  # type: ignore[has-type]  # set by Celery
+        self.loop = self._ending_with_shutdown(loop)
+
+    def _ending_with_shutdown(self, loop: Callable[..., Any]) -> Callable[..., Any]:
+        """The event loop, then ``on_shutdown`` when a shutdown ends it.
+
+        Celery's signal handler only flags the shutdown and the loop raises at its next
+        turn: the jobs in hand are finished here, on the consumer's own thread, and never
+        inside the signal handler, which may have interrupted any line (one holding the
+        settling lock, or halfway through a Redis reply on the channel's connection).
+        """
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return loop(*args, **kwargs)
+            except (WorkerShutdown, WorkerTerminate) as exc:
+                if self.on_shutdown is not None:
+                    self.on_shutdown(isinstance(exc, WorkerShutdown))
+                raise
+
+        return run
 
     def update_strategies(self) -> None:
         """Celery's strategies; every task but the route's (Celery's built-in tasks such as
@@ -119,8 +146,10 @@ class PipeqConsumer(BatchedEventsConsumer):
             log.exception("could not record a dead letter (%s)", reason)
 
 
-def consumer_class(dead_letters: DeadLetters, served_task: str) -> type[Consumer]:
+def consumer_class(dead_letters: DeadLetters, served_task: str,
+                   on_shutdown: Callable[[bool], None] | None = None) -> type[Consumer]:
     """The consumer class of a worker serving ``served_task``, dead-lettering into
-    ``dead_letters``."""
+    ``dead_letters`` and calling ``on_shutdown(warm)`` when a shutdown ends its loop."""
     return type("PipeqRouteConsumer", (PipeqConsumer,),
-                {"dead_letters": dead_letters, "served_task": served_task})
+                {"dead_letters": dead_letters, "served_task": served_task,
+                 "on_shutdown": staticmethod(on_shutdown) if on_shutdown else None})
