@@ -1,11 +1,11 @@
 """Micro-batching: inputs of many jobs, from any producer, gathered into one pipeline call.
 
-Celery runs each job as an ordinary task on a threads pool; the task hands its job to the
-:class:`MicroBatcher` and waits. The batcher gathers inputs until ``max_batch_size`` inputs
-or ``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ, sorts
+pipeq's Celery task strategy hands each received job to the :class:`MicroBatcher` (no
+thread waits per job). The batcher gathers inputs until ``max_batch_size`` inputs or
+``max_wait_ms`` after the first, keeps apart inputs whose call parameters differ, sorts
 them by length so that padding stays small, plans the calls, runs them, and stores every
-finished job's record in one Redis round trip. Each job keeps its own Celery task, state,
-events and result.
+finished job's record in one Redis round trip. Each job keeps its own Celery task id,
+events (Flower) and result.
 
 Calls run on one thread per *model instance* (one runner each, ``pipeq.worker.model.instances``):
 one on a GPU, several on a CPU, where independent single-threaded calls side by side beat

@@ -65,8 +65,8 @@ def unsupported_redis(client: Any) -> str | None:
 class AckFlusher:
     """Removes acknowledged messages from kombu's unacked hash and index, many per round trip.
 
-    kombu sends one MULTI(ZREM, HDEL) per acknowledged message, from the pool thread that
-    ran the job. Here acks of a batch's jobs, which end together, share one. Deferring the
+    kombu sends one MULTI(ZREM, HDEL) per acknowledged message. Here acks of a batch's
+    jobs, which end together, share one. Deferring the
     removal is safe: until it happens a dead worker's acknowledged message could only be
     restored and delivered again, and a job whose record is final is not run again.
     """

@@ -1,7 +1,8 @@
 """Media envelopes into what ``pipeline()`` accepts: PIL images and ``{"raw", "sampling_rate"}``.
 
 ``pipeq.core.envelopes`` documents the envelope. Here a job's envelopes are
-resolved on the Celery pool thread that handles the job, before it reaches the batcher:
+resolved on the worker's media threads (off the consumer's loop), before it reaches the
+batcher:
 claim-checked payloads are fetched in one round trip (and deleted when the job ends), image
 bytes are decoded with Pillow, audio files with soundfile (wav, flac, ogg, mp3, aiff; mixed
 down to mono as ffmpeg does for a local pipeline), numpy waveforms rebuilt exactly. URLs are
