@@ -29,7 +29,7 @@ from fault_support import (  # noqa: F401 - model, local, remote: module fixture
     wait_until,
 )
 
-from pipeq import RemotePipeline
+from pipeq import Job, RemotePipeline
 from pipeq.client import Client
 from pipeq.errors import BrokerUnavailable
 from pipeq.ops.embedded import free_port, start_redis_server
@@ -118,14 +118,17 @@ def test_producer_without_redis_gets_broker_unavailable_in_bounded_time(
         server: RedisServer, dep: Deployment, model: str, remote: RemotePipeline,
         local: Any) -> None:
     job = remote.submit("submitted while Redis is up", timeout=120)
-    job.result(timeout=60)
+    answer = job.result(timeout=60)
     server.stop()
+    # The handle keeps the result it was woken with: no Redis needed to read it again.
+    assert job.result(timeout=1) == answer
+    other_handle = Job(remote.client, job.id)
     url = f"redis://127.0.0.1:{server.port}/0"
     calls = {
         "submit": lambda: remote.submit("hello"),
         "submit(require_worker=False)": lambda: remote.submit("hello", require_worker=False),
         "job.status()": job.status,
-        "job.result()": lambda: job.result(timeout=30),
+        "job.result() of another handle": lambda: other_handle.result(timeout=30),
     }
     for name, call in calls.items():
         started = time.monotonic()
