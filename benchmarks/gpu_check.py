@@ -160,6 +160,17 @@ def run_bench(device: str, suites: list[str], extra: list[str], budget_s: float,
     return {"device": device, "suites": suites, "args": extra, "rows": rows, "errors": errors}
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The bench rows as the README's GPU table (ratios to the in-process GPU limit)."""
+    lines = ["| row | req/s | p50 ms | p99 ms | ratio |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = (f"{r['x_limit']} x in-process" if "x_limit" in r else
+                 f"{r['x_raw_celery']} x raw Celery" if "x_raw_celery" in r else "")
+        lines.append(f"| {r['row']} | {r.get('req_per_s', '')} | {r.get('p50_ms', '')} | "
+                     f"{r.get('p99_ms', '')} | {ratio} |")
+    return lines
+
+
 def summary(results: dict[str, Any]) -> list[str]:
     """The lines printed at the end."""
     tests = results["gpu_tests"]
@@ -174,8 +185,7 @@ def summary(results: dict[str, Any]) -> list[str]:
     bench = results.get("bench")
     if bench:
         lines.append(f"bench: {len(bench['rows'])} rows on {bench['device']}")
-        lines += [f"  {r['row']}: {r.get('req_per_s')} req/s, x_limit {r.get('x_limit')}"
-                  for r in bench["rows"]]
+        lines += markdown_table(bench["rows"]) if bench["rows"] else []
         lines += [f"  suite {s}: {e}" for s, e in bench["errors"].items()]
     return lines
 
