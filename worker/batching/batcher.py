@@ -278,11 +278,18 @@ class MicroBatcher:
         params = chunk[0].job.request.params
         items = [s.item for s in chunk]
         started = time.perf_counter()
+        failure: Exception | None = None
         try:
             self.hooks.before_call(items)
             outputs = runner.run(items, params)
         except Exception as exc:
-            self._isolate(runner, chunk, exc, attempt)
+            failure = exc
+        if failure is not None:
+            # Handled outside the except block and without its traceback: the failed call's
+            # frames hold its tensors (on a GPU, the activations of a batch that did not
+            # fit), which must be freed before its halves run.
+            failure.__traceback__ = None
+            self._isolate(runner, chunk, failure, attempt)
             return
         with self._jobs_lock:
             for slot, output in zip(chunk, outputs, strict=True):

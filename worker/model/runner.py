@@ -29,10 +29,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for a device out-of-memory error (CUDA, MPS or an injected one)."""
+    """True for a device out-of-memory error (CUDA, MPS or an injected one).
+
+    cuBLAS and cuDNN report a failed workspace allocation as ``*_STATUS_ALLOC_FAILED``.
+    """
     if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "status_alloc_failed" in text)
 
 
 class PipelineRunner:
