@@ -49,15 +49,16 @@ class CpuMeter:
         return {f"cpu_ms_{k}": round(1000 * (end[k] - self.start[k]) / jobs, 3) for k in end}
 
 
-def model_cpu_ms_per_input(model: str, texts: list[str]) -> float:
-    """The pipeline's own CPU per input: in-process, batches of 32, one torch thread."""
+def model_cpu_ms_per_input(model: str, texts: list[str], device: str) -> float:
+    """The pipeline's own CPU per input: in-process on ``device``, batches of 32, one torch
+    thread."""
     import torch
     from transformers import pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = pipeline("text-classification", model=model)
+        local = pipeline("text-classification", model=model, device=device)
         local(texts[:64], batch_size=32)
         started = cpu_seconds()
         for i in range(0, len(texts), 32):
@@ -105,7 +106,7 @@ def drain_rows(setup: Setup, count: int) -> list[dict[str, Any]]:
             job.result(timeout=300)
         pipeq_s = time.perf_counter() - started
         cpu = meter.per_job_ms(len(texts))
-    model_ms = round(model_cpu_ms_per_input(model, texts), 3)
+    model_ms = round(model_cpu_ms_per_input(model, texts, setup.device), 3)
     overhead = _overhead(cpu, model_ms)
     ours = row("drain: pipeq jobs of a tiny model", len(texts), pipeq_s, [pipeq_s],
                submit_ms_per_job=round(1000 * submitted_s / len(texts), 3),
