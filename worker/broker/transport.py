@@ -47,8 +47,9 @@ PREFIX_OPTION = "pipeq_prefix"
 FAULTS_OPTION = "pipeq_faults"
 #: How a control reply queue's name ends (kombu's pidbox: ``<client oid>.reply.celery.pidbox``).
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
-#: How long an unread control reply stays in Redis (clients wait seconds, not minutes).
-REPLY_TTL_MS = 60_000
+#: How long an unread control reply stays in Redis: clients wait seconds for replies (Flower
+#: and ``celery inspect``: 1 to 10 s), and one read later is thrown away anyway.
+REPLY_TTL_MS = 15_000
 
 
 class NotAKombuMessage(Exception):
