@@ -171,6 +171,9 @@ def test_dashboard_and_api_need_the_credentials(flower: FlowerSite) -> None:
         urllib.request.urlopen(flower.url + "/tasks", timeout=10)
     assert page.value.code == 401
     assert PASSWORD not in flower.log.read_text()
+    # Flower's own /metrics is open (the README says so): it must stay on a private network.
+    with urllib.request.urlopen(flower.url + "/metrics", timeout=10) as response:
+        assert response.status == 200 and b"flower_" in response.read()
 
 
 @needs_chromium
