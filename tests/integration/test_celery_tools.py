@@ -1,17 +1,20 @@
 """Celery's own tools on a pipeq deployment, and what they leave behind in Redis.
 
 ``celery -A pipeq`` (``pipeq/celery.py``) must find the deployment's app: every ``celery
-inspect`` command answers, ``celery events`` sees pipeq jobs. And no tool or job leaves keys
+inspect`` command answers, ``celery events`` sees pipeq jobs, stock ``celery flower`` sees
+the workers. And no tool or job leaves keys
 behind: after 50 inspects and 500 jobs the keys under the prefix are back to the documented
 permanent set (``Keys.permanent``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tiny_models import build_text_model
 
 from pipeq.core.celery_config import make_celery
 from pipeq.core.contract import Route
+from pipeq.ops.embedded import free_port
 from pipeq.worker.broker.transport import REPLY_TTL_MS
 
 TASK = "text-classification"
@@ -142,3 +146,35 @@ def test_keys_go_back_to_the_permanent_set_after_50_inspects_and_500_jobs(
         time.sleep(0.5)
     assert left <= permanent, sorted(left - permanent)
     assert {keys.routes(), keys.route_stats(route)} <= left
+
+
+def test_stock_celery_flower_finds_the_deployment(served: tuple[Deployment, WorkerProcess, str],
+                                                  tmp_path: Path) -> None:
+    dep, _worker, _model = served
+    port = free_port()
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as out:
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pipeq", "flower", f"--port={port}",
+             "--address=127.0.0.1", "--basic-auth=ops:pw"],
+            env=dep.env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    request = urllib.request.Request(url + "/api/workers?refresh=1")
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"ops:pw").decode())
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=20) as response:
+                    workers = json.loads(response.read())
+                if hostname(dep) in workers or time.monotonic() > deadline:
+                    break
+            except OSError:
+                if flower.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(log.read_text()) from None
+            time.sleep(0.5)
+    finally:
+        flower.terminate()
+        flower.wait(15)
+    assert hostname(dep) in workers, log.read_text()[-3000:]
+    assert workers[hostname(dep)]["stats"]["broker"]["transport"] == "pipeq"
