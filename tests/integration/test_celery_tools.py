@@ -103,6 +103,39 @@ def test_celery_events_sees_pipeq_jobs(served: tuple[Deployment, WorkerProcess, 
     assert f"name=pipeq.run[{Route(task=TASK, model=model).id}]" in line, line
 
 
+def test_stock_celery_flower_finds_the_deployment(served: tuple[Deployment, WorkerProcess, str],
+                                                  tmp_path: Path) -> None:
+    dep, _worker, _model = served
+    port = free_port()
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as out:
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "pipeq", "flower", f"--port={port}",
+             "--address=127.0.0.1", "--basic-auth=ops:pw"],
+            env=dep.env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    request = urllib.request.Request(url + "/api/workers?refresh=1")
+    request.add_header("Authorization", "Basic " + base64.b64encode(b"ops:pw").decode())
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=20) as response:
+                    workers = json.loads(response.read())
+                if hostname(dep) in workers or time.monotonic() > deadline:
+                    break
+            except OSError:
+                if flower.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(log.read_text()) from None
+            time.sleep(0.5)
+    finally:
+        flower.terminate()
+        flower.wait(15)
+    assert hostname(dep) in workers, log.read_text()[-3000:]
+    assert workers[hostname(dep)]["stats"]["broker"]["transport"] == "pipeq"
+
+
+# Last in the module: it stops the module's worker.
 def test_keys_go_back_to_the_permanent_set_after_50_inspects_and_500_jobs(
         served: tuple[Deployment, WorkerProcess, str], tmp_path: Path) -> None:
     dep, worker, model = served
@@ -146,35 +179,3 @@ def test_keys_go_back_to_the_permanent_set_after_50_inspects_and_500_jobs(
         time.sleep(0.5)
     assert left <= permanent, sorted(left - permanent)
     assert {keys.routes(), keys.route_stats(route)} <= left
-
-
-def test_stock_celery_flower_finds_the_deployment(served: tuple[Deployment, WorkerProcess, str],
-                                                  tmp_path: Path) -> None:
-    dep, _worker, _model = served
-    port = free_port()
-    log = tmp_path / "flower.log"
-    with open(log, "wb") as out:
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "pipeq", "flower", f"--port={port}",
-             "--address=127.0.0.1", "--basic-auth=ops:pw"],
-            env=dep.env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    request = urllib.request.Request(url + "/api/workers?refresh=1")
-    request.add_header("Authorization", "Basic " + base64.b64encode(b"ops:pw").decode())
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(request, timeout=20) as response:
-                    workers = json.loads(response.read())
-                if hostname(dep) in workers or time.monotonic() > deadline:
-                    break
-            except OSError:
-                if flower.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(log.read_text()) from None
-            time.sleep(0.5)
-    finally:
-        flower.terminate()
-        flower.wait(15)
-    assert hostname(dep) in workers, log.read_text()[-3000:]
-    assert workers[hostname(dep)]["stats"]["broker"]["transport"] == "pipeq"
