@@ -23,14 +23,18 @@ COPY pyproject.toml README.md* ./
 COPY producer ./producer
 COPY worker ./worker
 # Core dependencies only (celery, redis, pydantic, ...). Never an extra that pulls torch.
-RUN pip install . && rm -rf build *.egg-info
-USER pipeq
+# DL3013 (pin pip packages): "." is pipeq itself; its dependencies are bounded in pyproject.
+# hadolint ignore=DL3013
+RUN pip install . && rm -rf build ./*.egg-info
+# The pipeq user, by id (a name may not resolve on the host).
+USER 10001:10001
 
 
 FROM base AS monitor
-USER root
-RUN pip install ".[monitor]" && rm -rf build *.egg-info
-USER pipeq
+USER 0
+# hadolint ignore=DL3013
+RUN pip install ".[monitor]" && rm -rf build ./*.egg-info
+USER 10001:10001
 EXPOSE 5555 9808
 ENTRYPOINT ["pipeq"]
 CMD ["flower"]

@@ -31,11 +31,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Python 3.11 from Ubuntu 22.04 (jammy-updates, universe). ffmpeg is left out: add it
 # if you serve audio pipelines that decode compressed audio.
+# DL3008 (pin apt versions): jammy-updates replaces versions; a pin would break rebuilds.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv "$VIRTUAL_ENV" \
-    && pip install --upgrade pip setuptools wheel
+    && pip install "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1"
 
 RUN groupadd --system --gid 10001 pipeq \
     && useradd --system --uid 10001 --gid pipeq --create-home --home-dir /home/pipeq pipeq \
@@ -49,18 +51,21 @@ WORKDIR /app
 # resolve `.[worker]` before the source is copied; the real source is installed (without deps) in the next layer.
 # README.md is pyproject's `readme`; the glob keeps a checkout without it buildable.
 COPY pyproject.toml README.md* ./
+# DL3013 (pin pip packages): "." is pipeq itself; torch is pinned in pyproject.toml.
+# hadolint ignore=DL3013
 RUN for pkg in producer producer/core producer/bulk producer/ops worker worker/batching \
                worker/broker worker/model worker/ops; do \
         mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
     done \
     && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker]" \
-    && rm -rf producer worker build *.egg-info
+    && rm -rf producer worker build ./*.egg-info
 
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-deps . && rm -rf build *.egg-info
+RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
-USER pipeq
+# The pipeq user, by id (a name may not resolve on the host).
+USER 10001:10001
 
 # Optional: bake a model into the image (offline / air-gapped hosts). Runs before VOLUME,
 # because changes under a declared volume path are discarded by later build steps.

@@ -43,6 +43,14 @@ class BrokerUnavailable(RetryableError):
 class JobTimeout(RetryableError, TimeoutError):
     """Raised when a job's result did not arrive within the caller's timeout."""
 
+    def __init__(self, message: str, *, job_id: str = "", waited_s: float = 0.0,
+                 state: str = "unknown"):
+        self.job_id = job_id
+        self.waited_s = waited_s
+        #: The job's state when the wait ended (it goes on running).
+        self.state = state
+        super().__init__(message)
+
 
 class JobNotFound(PipeqError, LookupError):
     """Raised when no job has the id asked for: never submitted to this deployment, or its

@@ -80,10 +80,11 @@ class Job:
         except FutureTimeout:
             self.client.waiter.forget(self.id)
             (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
+            shown = state.value if state else "unknown"
             raise JobTimeout(
-                f"job {self.id} did not finish within {wait:g}s (status "
-                f"{state.value if state else 'unknown'}); wait again with "
-                "job.result(timeout=...) or cancel it") from None
+                f"job {self.id} did not finish within {wait:g}s (status {shown}); wait "
+                "again with job.result(timeout=...) or cancel it", job_id=self.id,
+                waited_s=wait or 0.0, state=shown) from None
 
     async def aresult(self, timeout: float | None = None) -> Any:
         """The result, awaited without blocking the event loop."""
@@ -97,7 +98,8 @@ class Job:
             return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
         except TimeoutError:
             self.client.waiter.forget(self.id)
-            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s",
+                             job_id=self.id, waited_s=wait or 0.0) from None
 
     def _watch(self) -> tuple[Future[JobRecord], bool]:
         """The Future of the job's final record, and whether the record must be read first:
@@ -126,13 +128,18 @@ class Job:
         Cancelling a running job is best-effort: the worker finishes the batch in hand,
         but the job stays CANCELLED and its result is discarded.
         """
+        return self.cancel_from() == JobState.PENDING
+
+    def cancel_from(self) -> JobState:
+        """Cancel the job (as :meth:`cancel`); the state it was in: PENDING or STARTED when
+        it is cancelled now, a final state when it had ended already (nothing changed)."""
         before = self.client.call_redis(lambda: self.client.store.cancel(self.id))
         if before is None:
             raise self.not_found()
         record = self.client.call_redis(lambda: self.client.store.get(self.id))
         if record is not None:
             self.client.waiter.resolve(record)
-        return before == JobState.PENDING
+        return before
 
 
 def wait_seconds(default: float, timeout: float | None) -> float | None:

@@ -13,13 +13,15 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import pydantic
+
 from pipeq.client import Client
-from pipeq.core.config import Settings
+from pipeq.core.config import Settings, validation_problems
 from pipeq.core.contract import JobRequest, Lane, Route, new_job_id
 from pipeq.core.params import validate_params
 from pipeq.core.redis_io import as_text
 from pipeq.core.validation import InputLimits
-from pipeq.errors import NoWorkerError, ValidationError
+from pipeq.errors import JobTimeout, NoWorkerError, ValidationError
 from pipeq.inputs import prepare_inputs
 from pipeq.job import Job
 
@@ -43,7 +45,15 @@ class RemotePipeline:
 
     def __call__(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
         """Run ``inputs`` remotely and return what the local pipeline would return."""
-        return self.submit(inputs, timeout=timeout, _watch=True, **params).result(timeout)
+        job = self.submit(inputs, timeout=timeout, _watch=True, **params)
+        try:
+            return job.result(timeout)
+        except JobTimeout as exc:  # the caller holds no Job: say how to reach this one
+            raise JobTimeout(
+                f"job {job.id} did not finish within {exc.waited_s:g}s (status {exc.state}); "
+                f"it goes on: pipeq.get_job({job.id!r}).result(timeout=...) waits for it "
+                "again, .cancel() stops it; or use remote.submit(...) to hold a Job",
+                job_id=job.id, waited_s=exc.waited_s, state=exc.state) from None
 
     def submit(self, inputs: Any, *, timeout: float | None = None,
                require_worker: bool | None = None, idempotency_key: str | None = None,
@@ -156,11 +166,15 @@ class RemotePipeline:
         if live > 0:
             self._worker_seen_at = time.monotonic()
         if live == 0:
-            raise NoWorkerError(
-                f"no live worker serves route {self.route.describe()}. Start one with "
-                f"`{self.route.worker_command()}`, or submit with require_worker=False "
-                "to queue the job for a worker that starts later"
-            )
+            raise NoWorkerError(no_worker_message(self.route, "submit with require_worker=False"))
+
+
+def no_worker_message(route: Route, queue_anyway: str) -> str:
+    """What NoWorkerError says: how to start a worker, and (``queue_anyway``) how the caller
+    queues the job for one that starts later, in the caller's own terms."""
+    return (f"no live worker serves route {route.describe()}. Start one with "
+            f"`{route.worker_command()}`, or {queue_anyway} to queue the job for a worker "
+            "that starts later")
 
 
 def pipeline(task: str, model: str | None = None, *, revision: str | None = None,
@@ -197,19 +211,18 @@ def pipeline(task: str, model: str | None = None, *, revision: str | None = None
 
 
 def _first_line(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        return "; ".join(str(e.get("msg", e)) for e in errors())
+    if isinstance(exc, pydantic.ValidationError):
+        return validation_problems(exc, locations=False)
     return str(exc)
 
 
 def get_job(job_id: str, settings: Settings | None = None) -> Job:
     """A handle on any job by id (e.g. from another process).
 
-    A job no worker has touched yet, and an id nobody submitted, both read PENDING: Redis
-    holds no record of a queued job until a worker starts it.
+    Every submitted job has a record from the start (PENDING while queued); an id nobody
+    submitted here, or whose record expired, raises JobNotFound when asked about.
     """
     return Job(Client.for_settings(settings), job_id)
 
 
-__all__ = ["RemotePipeline", "get_job", "pipeline"]
+__all__ = ["RemotePipeline", "get_job", "no_worker_message", "pipeline"]

@@ -174,7 +174,8 @@ class RouteService:
             request = JobRequest.model_validate(body)
         except pydantic.ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}"
+                f"{'.'.join(str(p) for p in e['loc']) or 'message'}: "
+                f"{str(e['msg']).removeprefix('Value error, ')}"
                 for e in exc.errors()[:5])
             raise ValidationError(f"malformed job message: {problems}") from None
         if request.job_id != job_id:

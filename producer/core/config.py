@@ -223,8 +223,21 @@ def load_routes(path: Path) -> list[RouteSpec]:
     try:
         data = tomllib.loads(path.read_text())
         return RoutesFile.model_validate(data).route
-    except (tomllib.TOMLDecodeError, pydantic.ValidationError) as exc:
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid routes file {path}: {exc}") from None
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"invalid routes file {path}: {validation_problems(exc)}") from None
+
+
+def validation_problems(exc: pydantic.ValidationError, *, locations: bool = True) -> str:
+    """pydantic's errors as one line a user reads: "where: what" each, without pydantic's
+    "Value error, " prefix (our validators' messages say what is wrong themselves)."""
+    problems = []
+    for error in exc.errors():
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        problems.append(f"{where}: {message}" if locations and where else message)
+    return "; ".join(problems)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -232,7 +245,4 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid pipeq settings: {problems}") from None
+        raise ConfigError(f"invalid pipeq settings: {validation_problems(exc)}") from None

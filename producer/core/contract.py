@@ -25,6 +25,8 @@ InputItem = str | dict[str, Any]
 Lane = Literal["interactive", "bulk"]
 
 SCHEMA_VERSION = 1
+#: The hub's default revision: a route with it is the route with no revision.
+DEFAULT_REVISION = "main"
 
 
 class JobState(StrEnum):
@@ -60,6 +62,13 @@ class Route(BaseModel):
     @classmethod
     def _canonical(cls, value: str) -> str:
         return canonical_task(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _default_branch(cls, value: str | None) -> str | None:
+        # One route, however it is named: the hub's default revision is "main", so a
+        # worker started with --revision main serves pipeline(task, model=M) too.
+        return None if value == DEFAULT_REVISION else value
 
     @property
     def id(self) -> str:

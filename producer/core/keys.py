@@ -3,10 +3,14 @@
 Keys of pipeq itself start with ``<prefix>:``; keys kombu and Celery write (queues, the
 unacked hash, bindings, control replies) start with ``<prefix>:celery:`` (kombu's
 ``global_keyprefix``), so deployments sharing one Redis database never see each other.
+
+Every key expires or is deleted when it is no longer needed, except the few of
+:meth:`Keys.permanent` (the README's "Redis keys" table lists them all).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import get_args
 
 from pipeq.core.contract import Lane, Route
@@ -31,6 +35,28 @@ class Keys:
         self.prefix = prefix
         #: kombu's ``global_keyprefix``: prepended to every key Celery itself writes.
         self.broker_prefix = f"{prefix}:celery:"
+
+    def permanent(self, routes: Iterable[Route] = ()) -> set[str]:
+        """The keys a deployment whose workers served ``routes`` keeps for ever.
+
+        pipeq's route table and each route's running totals (``pipeq metrics``), the
+        dead-letter list (until ``pipeq dead purge``), and kombu's routing tables: one per
+        route lane, the workers' control mailbox, and kombu's bookkeeping of the tables it
+        sweeps (those of the event and reply queues of Flower and ``celery inspect``, deleted
+        when their client closes, or swept two hours after it died). Every other key expires
+        (job records, idempotency and cache entries, heartbeats, control replies) or is
+        deleted when it empties (queues, doorbells, kombu's unacked records, payloads).
+        """
+        kombu = self.broker_prefix + "_kombu."
+        names = {self.routes(), self.dead_letters(), kombu + "binding.celery.pidbox",
+                 kombu + "binding.celeryev", kombu + "binding.reply.celery.pidbox",
+                 kombu + "binding_deadlines"}
+        for route in routes:
+            names.add(self.route_stats(route))
+            for lane in LANES:
+                names.add(f"{kombu}binding.{self.queue_for(route, lane)}")
+                names.add(f"{kombu}binding_permanent.{self.queue_for(route, lane)}")
+        return names
 
     def queue(self, route: Route) -> str:
         """The Celery queue (a Redis list) of a route's interactive lane."""

@@ -168,7 +168,8 @@ def _explain(task: str, model: type[BaseModel], exc: pydantic.ValidationError) -
         else:
             # reprlib: a plain repr of a deeply nested value raises RecursionError.
             got = reprlib.repr(err.get("input"))
-            problems.append(f"parameter {name!r}: {err['msg']} (got {got:.80})")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"parameter {name!r}: {message} (got {got:.80})")
     accepted = ", ".join(sorted(model.model_fields))
     return f"invalid call parameters for {task!r}: " + "; ".join(problems) + (
         f". Accepted parameters: {accepted}" if accepted else ""

@@ -16,7 +16,8 @@ import click
 import redis
 
 from pipeq.core.config import Settings, load_settings
-from pipeq.errors import PipeqError
+from pipeq.core.contract import JobState
+from pipeq.errors import JobTimeout, NoWorkerError, PipeqError
 from pipeq.ops.exits import Exit, exit_code
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,7 +75,7 @@ def cli() -> None:
     Settings come from PIPEQ_* environment variables and settings/ (see `pipeq config`).
     Exit codes: 0 ok; 1 job failed, cancelled or expired; 2 bad usage, settings or input;
     3 no live worker (or, for `worker`, the model cannot be loaded); 4 timed out;
-    5 Redis unreachable; 130 interrupted.
+    5 Redis unreachable; 6 no job has this id; 130 interrupted.
     """
 
 
@@ -96,18 +97,27 @@ def submit(ctx: click.Context, task: str, model: str, revision: str | None,
            params: tuple[str, ...], wait: bool, timeout: float | None,
            no_require_worker: bool, inputs: tuple[str, ...]) -> None:
     """Submit a job: one INPUT is a single call, several are a list call."""
-    from pipeq.remote import pipeline
+    from pipeq.remote import no_worker_message, pipeline
 
     settings = settings_of(ctx)
     quiet_logging(settings)
     remote = pipeline(task, model=model, revision=revision, settings=settings)
     call: Any = inputs[0] if len(inputs) == 1 else list(inputs)
-    job = remote.submit(call, timeout=timeout, require_worker=not no_require_worker,
-                        **dict(parse_param(p) for p in params))
+    try:
+        job = remote.submit(call, timeout=timeout, require_worker=not no_require_worker,
+                            **dict(parse_param(p) for p in params))
+    except NoWorkerError:  # say how to queue anyway with this command, not in Python
+        raise NoWorkerError(no_worker_message(remote.route, "pass --no-require-worker")
+                            ) from None
     if not wait:
         click.echo(job.id)
         return
-    print_json(job.result(timeout))
+    try:
+        print_json(job.result(timeout))
+    except JobTimeout as exc:
+        raise JobTimeout(f"job {job.id} did not finish within {exc.waited_s:g}s (status "
+                         f"{exc.state}); it goes on: wait again with `pipeq result {job.id} "
+                         f"--wait`, or stop it with `pipeq cancel {job.id}`") from None
 
 
 @cli.command()
@@ -124,26 +134,37 @@ def result(ctx: click.Context, job_id: str, wait: bool, timeout: float | None) -
     settings = settings_of(ctx)
     quiet_logging(settings)
     job = get_job(job_id, settings)
-    if not wait and not job.done():
+    if not wait and not job.done():  # an unknown id raises JobNotFound: exit 6
         click.echo(f"job {job.id} is {job.status()}", err=True)
         ctx.exit(Exit.TIMEOUT)
-    print_json(job.result(timeout))
+    try:
+        print_json(job.result(timeout))
+    except JobTimeout as exc:
+        raise JobTimeout(f"job {job.id} did not finish within {exc.waited_s:g}s (status "
+                         f"{exc.state}); wait longer with --timeout, or stop it with "
+                         f"`pipeq cancel {job.id}`") from None
 
 
 @cli.command()
 @click.argument("job_id")
 @click.pass_context
 def cancel(ctx: click.Context, job_id: str) -> None:
-    """Cancel a job: a queued job never runs; a running one's result is discarded."""
+    """Cancel a job: a queued job never runs; a running one's result is discarded.
+
+    Exit 1 when the job had ended already (nothing is cancelled), 6 for an unknown id.
+    """
     from pipeq.remote import get_job
 
     settings = settings_of(ctx)
     quiet_logging(settings)
     job = get_job(job_id, settings)
-    was_pending = job.cancel()
-    click.echo(f"job {job.id} cancelled" + ("" if was_pending else
-               f" (it had already started or ended; now {job.status()}: cancelling a running "
-               "job is best-effort)"))
+    before = job.cancel_from()
+    if before.is_final:
+        click.echo(f"job {job.id} had already ended ({before.value}): nothing was cancelled",
+                   err=True)
+        ctx.exit(Exit.FAILED)
+    click.echo(f"job {job.id} cancelled" + ("" if before == JobState.PENDING else
+               " (it was running: its batch finishes, its result is discarded)"))
 
 
 @cli.command()
@@ -151,8 +172,9 @@ def cancel(ctx: click.Context, job_id: str) -> None:
               help="Only this route's task, with --model (default: every route).")
 @click.option("--model", "--route-model", "model",
               help="Only this route's model, with --task (default: every route).")
-@click.option("--revision", help="The route's revision, with --task and --model (default: "
-                                 "the model's default branch).")
+@click.option("--revision", "--route-revision", "revision",
+              help="The route's revision, with --task and --model (default: the model's "
+                   "default branch; \"main\" names the same route).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 @click.pass_context
 def status(ctx: click.Context, task: str | None, model: str | None, revision: str | None,

@@ -4,12 +4,14 @@
 code    meaning
 ======  ====================================================================================
 0       success
-1       the job failed, was cancelled or expired; a bulk job was cancelled or stopped
+1       the job failed, was cancelled or expired; a bulk job was cancelled or stopped;
+        ``cancel``: the job had ended already, nothing was cancelled
 2       bad usage, bad settings or bad input (nothing was enqueued)
 3       no live worker serves the route (``status``: a route is down); ``worker``: the
         model cannot be loaded
 4       timed out waiting for a job (``result`` without ``--wait``: the job has not ended)
 5       Redis cannot be reached
+6       no job has this id (never submitted to this deployment, or its record expired)
 130     interrupted (Ctrl-C)
 ======  ====================================================================================
 """
@@ -21,6 +23,7 @@ from enum import IntEnum
 from pipeq.errors import (
     BrokerUnavailable,
     ConfigError,
+    JobNotFound,
     JobTimeout,
     NoWorkerError,
     PipeqError,
@@ -37,6 +40,7 @@ class Exit(IntEnum):
     NO_WORKER = 3
     TIMEOUT = 4
     BROKER = 5
+    NOT_FOUND = 6
     INTERRUPTED = 130
 
     #: ``pipeq worker``: the route's model cannot be loaded (a restart will not help).
@@ -50,6 +54,7 @@ _BY_ERROR: tuple[tuple[type[PipeqError], Exit], ...] = (
     (NoWorkerError, Exit.NO_WORKER),
     (JobTimeout, Exit.TIMEOUT),
     (BrokerUnavailable, Exit.BROKER),
+    (JobNotFound, Exit.NOT_FOUND),
     (PipeqError, Exit.FAILED),
 )
 

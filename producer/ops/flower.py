@@ -6,6 +6,11 @@ deployment's prefix, and a Flower started with a bare ``--broker`` URL would lis
 unprefixed names and see nothing. So Flower is built here from ``make_celery(settings)``
 rather than from the ``celery flower`` command line.
 
+Flower's Broker page lists the queues its workers consume, with their depth. pipeq's page
+lists every route's queues, both lanes, including routes no live worker serves (found as
+``pipeq status`` finds them): jobs waiting for a route nobody serves are the ones to see.
+Flower has no queue-depth metric; alert on ``pipeq metrics``' ``pipeq_queue_depth``.
+
 Flower (the ``monitor`` extra) is imported only when the command runs: producers stay light.
 """
 
@@ -76,7 +81,45 @@ def build_flower(settings: Settings, opts: FlowerOptions) -> Any:
     flower_options.basic_auth = auth
     # One access line per request (the dashboard polls) drowns the log; errors still show.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    return Flower(capp=app, options=flower_options, **flower_settings)
+    flower_app = Flower(capp=app, options=flower_options, **flower_settings)
+    _show_route_queues(flower_app, settings)
+    return flower_app
+
+
+def route_queue_names(settings: Settings) -> list[str]:
+    """The queues (both lanes) of every route ``pipeq status`` knows of, by name."""
+    from pipeq.core.keys import LANES
+    from pipeq.core.redis_io import redis_client
+    from pipeq.ops.status import deployment_status
+
+    client = redis_client(settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
+                          connect_timeout_s=2, socket_timeout_s=2)
+    try:
+        return [settings.keys.queue_for(status.route, lane)
+                for status in deployment_status(settings, client) for lane in LANES]
+    finally:
+        client.close()
+
+
+def _show_route_queues(flower_app: Any, settings: Settings) -> None:
+    """Serve Flower's Broker page with every route's queues added to its workers' ones."""
+    from flower.views.broker import BrokerView
+    from tornado.routing import PathMatches, Rule
+
+    class RouteQueuesBrokerView(BrokerView):
+        """Flower's Broker page, listing every route queue of the deployment too."""
+
+        def get_active_queue_names(self) -> list[str]:
+            names = set(super().get_active_queue_names())
+            try:
+                names.update(route_queue_names(settings))
+            except Exception as exc:  # Redis away: the page shows what Flower knows
+                log.warning("cannot list the route queues: %s", exc)
+            return sorted(names)
+
+    # Tornado takes the first rule that matches: ours goes before Flower's own.
+    flower_app.wildcard_router.rules.insert(
+        0, Rule(PathMatches(r"/broker"), RouteQueuesBrokerView, name="broker"))
 
 
 def run_flower(settings: Settings, opts: FlowerOptions) -> int:

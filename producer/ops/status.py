@@ -1,4 +1,8 @@
-"""What is going on in a deployment: routes, workers, queue depth and oldest job age."""
+"""What is going on in a deployment: routes, workers, queue depth and oldest job age.
+
+Routes come from the routing table, from workers' announcements and from the queues that
+exist under the deployment's prefix (jobs queued for a route nobody configured or serves).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,9 @@ import redis
 
 from pipeq.core.config import Settings
 from pipeq.core.contract import Route
-from pipeq.core.keys import LANES, Keys
+from pipeq.core.keys import BULK_SUFFIX, LANES, Keys
 from pipeq.core.publish import queued_request
-from pipeq.core.redis_io import redis_client
+from pipeq.core.redis_io import as_text, redis_client
 from pipeq.core.registry import Registry
 from pipeq.errors import BrokerUnavailable
 from pipeq.ops.exits import Exit
@@ -73,14 +77,40 @@ def _oldest_in(client: redis.Redis, queue_key: str) -> float | None:
     return None if submitted is None else max(0.0, time.time() - submitted)
 
 
+def queued_routes(client: redis.Redis, keys: Keys) -> set[Route]:
+    """Routes with jobs waiting in a queue under the prefix, read from their oldest message:
+    a route no worker announced and no routing table names is still seen."""
+    found: set[Route] = set()
+    seen: set[str] = set()
+    for key in client.scan_iter(match=f"{keys.broker_prefix}{keys.prefix}.q.*", count=1000):
+        name = as_text(key)
+        queue = name.removesuffix(BULK_SUFFIX)
+        if name.endswith(".bell") or queue in seen:
+            continue
+        seen.add(queue)
+        route = _route_of(client.lindex(name, -1))
+        if route is not None:
+            found.add(route)
+    return found
+
+
+def _route_of(raw: Any) -> Route | None:
+    request = queued_request(raw) if raw is not None else None
+    try:
+        return Route.model_validate(request["route"]) if request else None
+    except (KeyError, TypeError, ValueError):  # not a pipeq job: nothing to report
+        return None
+
+
 def deployment_status(settings: Settings, client: redis.Redis,
                       only: Route | None = None) -> list[RouteStatus]:
-    """Status of every configured or announced route (or only ``only``)."""
+    """Status of every configured, announced or queued-for route (or only ``only``)."""
     keys = settings.keys
     registry = Registry(client, keys, settings.heartbeat_s)
     configured = {spec.route for spec in settings.routes}
-    routes = [only] if only else sorted(configured | set(registry.known_routes()),
-                                        key=lambda r: r.describe())
+    routes = [only] if only else sorted(
+        configured | set(registry.known_routes()) | queued_routes(client, keys),
+        key=lambda r: r.describe())
     statuses = []
     for route in routes:
         depths = lane_depths(client, keys, route)
@@ -103,14 +133,26 @@ def _with_beat_age(registry: Registry, route: Route) -> list[dict[str, Any]]:
 
 def print_status(settings: Settings, task: str | None, model: str | None,
                  revision: str | None, as_json: bool) -> int:
-    """``pipeq status``: print every route's status; the exit code (3 when one is down)."""
-    only = Route(task=task, model=model, revision=revision) if task and model else None
+    """``pipeq status``: print every route's status; the exit code (3 when one is down).
+
+    With a task and model (a container's health check) the route is named as a producer
+    names it (``pipeq.pipeline``), and a producer's own check of live workers must pass too:
+    a health check and a producer never disagree on which route a worker serves.
+    """
+    remote = None
+    if task and model:
+        from pipeq.remote import pipeline
+
+        remote = pipeline(task, model=model, revision=revision, settings=settings)
+    only = remote.route if remote is not None else None
     client = redis_client(settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
                           connect_timeout_s=settings.connect_timeout_s, socket_timeout_s=10)
     try:
         statuses = deployment_status(settings, client, only)
     except redis.RedisError as exc:
         raise BrokerUnavailable(f"cannot read status from Redis: {exc}") from exc
+    if remote is not None and any(s.healthy for s in statuses):
+        remote.check_workers(require_worker=True)  # NoWorkerError: exit 3, saying why
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in statuses], indent=2, default=str))
     else:

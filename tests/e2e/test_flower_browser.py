@@ -1,11 +1,14 @@
 """Flower as an operator sees it: ``pipeq flower`` behind basic auth, in headless Chromium.
 
-A real Redis, a real worker (tiny text-classification model) and ``pipeq flower`` with
-credentials; a job goes through the queue, then Chromium (Debian's ``chromium``) renders
-the dashboard with the credentials, and the test reads the rendered DOM: the worker is
-online and the job of our route (task ``pipeq.run[<route id>]``) succeeded. A screenshot
-of the task list is saved as ``.artifacts/flower.png`` (with
-``PIPEQ_UPDATE_DOCS_SCREENSHOT=1`` also as ``docs/flower.png``, the README's picture).
+A real Redis, a real worker (tiny text-classification model, with pipeq's fault hook armed:
+``oom_marker`` fails a job, ``slow_marker`` makes one run past its deadline) and ``pipeq
+flower`` with credentials; jobs go through the queue, then Chromium (Debian's ``chromium``)
+renders the dashboard with the credentials, and the tests read the rendered DOM: the worker
+is online with its stats, jobs of our route (task ``pipeq.run[<route id>]``) read SUCCESS,
+FAILURE (failed, expired, timed out: with pipeq's error) or REVOKED (cancelled), and the
+Broker page lists each route queue with its depth. Screenshots go to ``.artifacts/``
+(``flower.png``: the task list; with ``PIPEQ_UPDATE_DOCS_SCREENSHOT=1`` also
+``docs/flower.png``, the README's picture).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
 from pipeq.core.contract import Route
+from pipeq.errors import JobExpired, JobFailed
 from pipeq.ops.embedded import free_port
+from pipeq.ops.exporter import read_route_stats
 
 pytestmark = pytest.mark.browser
 
@@ -41,6 +46,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 TASK = "text-classification"
+#: Inputs the worker's fault hook acts on (pipeq.worker.ops.faults).
+FAIL_MARKER, SLOW_MARKER = "BOOMFAIL", "SLOWPOKE"
+FAULTS = f"oom_marker={FAIL_MARKER},slow_marker={SLOW_MARKER},slow_ms=4000"
+#: A route no worker serves: its queued jobs must still show on the Broker page.
+DOWN_MODEL = "/models/nobody-serves-this"
 USER = "operator"
 PASSWORD = "s3cret:with:colons"  # a ':' in the password must survive basic auth
 ARTIFACTS = ROOT / ".artifacts"
@@ -60,6 +70,8 @@ class FlowerSite:
     route: Route
     model: str
     log: Path
+    #: A job cancelled while queued, before the worker started.
+    cancelled_id: str = ""
 
     def api(self, path: str, *, user: str = USER, password: str = PASSWORD) -> Any:
         """GET a Flower API path with basic auth; the decoded JSON."""
@@ -89,7 +101,10 @@ def flower(module_deployment: Deployment, models_dir: Path) -> Iterator[FlowerSi
     site = FlowerSite(dep, f"http://127.0.0.1:{port}", Route(task=TASK, model=model), model, log)
     try:
         _wait_healthy(site, proc)
-        dep.start_worker(TASK, model)
+        queued = dep.remote(TASK, model).submit("cancel me", require_worker=False)
+        assert queued.cancel() is True
+        site.cancelled_id = queued.id
+        dep.start_worker(TASK, model, env={"PIPEQ_FAULTS": FAULTS})
         yield site
     finally:
         proc.terminate()
@@ -156,6 +171,9 @@ def test_dashboard_and_api_need_the_credentials(flower: FlowerSite) -> None:
         urllib.request.urlopen(flower.url + "/tasks", timeout=10)
     assert page.value.code == 401
     assert PASSWORD not in flower.log.read_text()
+    # Flower's own /metrics is open (the README says so): it must stay on a private network.
+    with urllib.request.urlopen(flower.url + "/metrics", timeout=10) as response:
+        assert response.status == 200 and b"flower_" in response.read()
 
 
 @needs_chromium
@@ -231,3 +249,107 @@ def test_bulk_job_progress_shows_in_flower(flower: FlowerSite, tmp_path: Path) -
     page = render_until(flower, f"/task/{last}", tmp_path,
                         lambda text: "8/12 answered" in text)
     assert "bulk reviews-flower: 8/12 answered, 0 failed | chunk 2" in page, page[:2000]
+
+
+def tasks_in_state(site: FlowerSite, wanted: dict[str, str], timeout: float = 30
+                   ) -> dict[str, Any]:
+    """Flower's tasks once each job id of ``wanted`` reads its state there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = site.api("/api/tasks")
+        if all(tasks.get(j, {}).get("state") == s for j, s in wanted.items()):
+            return dict(tasks)
+        if time.monotonic() > deadline:
+            return dict(tasks)
+        time.sleep(0.3)
+
+
+@needs_chromium
+def test_failed_expired_timed_out_and_cancelled_jobs_read_as_flower_states(
+        flower: FlowerSite, tmp_path: Path) -> None:
+    remote = flower.dep.remote(TASK, flower.model)
+    ok = remote.submit("a fine sentence")
+    assert ok.result(60)
+    failed = remote.submit(f"{FAIL_MARKER} breaks the model")
+    with pytest.raises(JobFailed) as failure:
+        failed.result(60)
+    expired = remote.submit("too late", timeout=0.001)
+    with pytest.raises(JobExpired):
+        expired.result(30)
+    slow = remote.submit(f"{SLOW_MARKER} runs past its deadline", timeout=1.0)
+    with pytest.raises(JobFailed) as timed_out:
+        slow.result(30)
+    assert timed_out.value.error_type == "JobTimeout"
+    wanted = {ok.id: "SUCCESS", failed.id: "FAILURE", expired.id: "FAILURE",
+              slow.id: "FAILURE", flower.cancelled_id: "REVOKED"}
+    tasks = tasks_in_state(flower, wanted)
+    assert {j: tasks.get(j, {}).get("state") for j in wanted} == wanted
+    task_name = flower.dep.settings.keys.task_name(flower.route)
+    assert all(tasks[j]["name"] == task_name for j in wanted)
+    # The exception Flower shows is pipeq's error: its type and message.
+    error = failure.value
+    assert tasks[failed.id]["exception"] == f"{error.error_type}({error.remote_message!r})"
+    assert tasks[expired.id]["exception"].startswith("JobExpired(")
+    assert tasks[slow.id]["exception"].startswith("JobTimeout(")
+
+    page = render_until(flower, "/tasks", tmp_path,
+                        lambda text: all(j in text for j in wanted))
+    for job_id, state in wanted.items():
+        at = page.index(job_id)
+        assert state in page[at - 200: at + 300], (state, page[at - 200: at + 300])
+    # Each failure's own page shows pipeq's error.
+    for job_id, kind in ((failed.id, error.error_type), (expired.id, "JobExpired"),
+                         (slow.id, "JobTimeout")):
+        task_page = render_until(flower, f"/task/{job_id}", tmp_path,
+                                 lambda text, kind=kind: kind in text)
+        assert kind in task_page and "FAILURE" in task_page, task_page[:2000]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "flower-states.png"
+    chromium("--virtual-time-budget=8000", "--window-size=1600,700",
+             f"--screenshot={shot}", flower.browser_url("/tasks"), tmp_path=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Flower's Failed count is pipeq's failed + expired + timed-out count (FAILURE and
+    # EXPIRED records), and its Succeeded count pipeq's successes, for the same jobs.
+    stats = read_route_stats(flower.dep.redis, flower.dep.settings.keys, flower.route)
+    states = [t["state"] for t in flower.api("/api/tasks").values()
+              if t.get("name") == task_name]
+    pipeq_failed = stats.get("jobs:FAILURE", 0) + stats.get("jobs:EXPIRED", 0)
+    assert states.count("FAILURE") == pipeq_failed >= 3
+    (worker,) = flower.api("/workers?json=1")["data"]
+    assert worker.get("task-failed") == pipeq_failed, worker
+    assert states.count("SUCCESS") == stats.get("jobs:SUCCESS")
+
+
+@needs_chromium
+def test_worker_page_shows_the_worker_s_stats(flower: FlowerSite, tmp_path: Path) -> None:
+    hostname = json.loads(flower.dep.cli("status", "--json").stdout)[0]["workers"][0]["hostname"]
+    page = render_until(flower, f"/worker/{quote(hostname)}", tmp_path,
+                        lambda text: "Prefetch Count" in text)
+    assert "Unable to get stats" not in page
+    assert "Prefetch Count" in page and "Worker pool options" in page, page[:2000]
+    assert flower.dep.keys().count(flower.dep.settings.keys.routes()) == 1
+
+
+@needs_chromium
+def test_broker_page_lists_every_route_queue_with_its_depth(flower: FlowerSite,
+                                                            tmp_path: Path) -> None:
+    keys = flower.dep.settings.keys
+    down = Route(task=TASK, model=DOWN_MODEL)
+    waiting = flower.dep.remote(TASK, DOWN_MODEL)
+    for text in ("nobody", "serves", "these"):
+        waiting.submit(text, require_worker=False)
+    expected = {keys.queue_for(down, "interactive"): 3, keys.queue_for(down, "bulk"): 0,
+                keys.queue_for(flower.route, "interactive"): 0,
+                keys.queue_for(flower.route, "bulk"): 0}
+    page = render_until(flower, "/broker", tmp_path,
+                        lambda text: all(q in text for q in expected))
+    words = page.split()
+    for queue, depth in expected.items():
+        assert queue in words, page[:3000]
+        # Columns: Queue, Messages, Unacked, Ready, Consumers, Idle since.
+        assert words[words.index(queue) + 1] == str(depth), page[:3000]
+    ARTIFACTS.mkdir(exist_ok=True)
+    chromium("--virtual-time-budget=8000", "--window-size=1600,560",
+             f"--screenshot={ARTIFACTS / 'flower-broker.png'}", flower.browser_url("/broker"),
+             tmp_path=tmp_path)

@@ -15,7 +15,10 @@ from compare import assert_same
 from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
+from pipeq import pipeline
 from pipeq.core.contract import Route
+from pipeq.errors import JobTimeout
+from pipeq.ops.exits import Exit
 
 TASK = "text-classification"
 DOWN_MODEL = "pipeq-tests/configured-but-down"
@@ -105,7 +108,90 @@ def test_cancel_a_pending_job(module_deployment: Deployment) -> None:
     assert result.returncode == 1
     assert "JobCancelled" in result.stderr and "cancelled" in result.stderr
     twice = run(module_deployment, "cancel", job_id)
-    assert twice.returncode == 0 and "already started or ended" in twice.stdout
+    assert twice.returncode == 1, twice.stdout + twice.stderr
+    assert twice.stderr.strip() == (f"job {job_id} had already ended (CANCELLED): nothing was "
+                                    "cancelled") and twice.stdout == ""
+
+
+def test_cancel_a_finished_job_exits_1_and_says_nothing_was_cancelled(
+        module_deployment: Deployment, model: str) -> None:
+    job_id = run(module_deployment, "submit", "--task", TASK, "--model", model, "hi"
+                 ).stdout.strip()
+    assert run(module_deployment, "result", job_id, "--wait", "--timeout", "60").returncode == 0
+    done = run(module_deployment, "cancel", job_id)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == (f"job {job_id} had already ended (SUCCESS): nothing was "
+                                   "cancelled")
+    assert run(module_deployment, "result", job_id).returncode == 0  # its result stands
+
+
+@pytest.mark.parametrize("command", ["result", "cancel"])
+def test_an_unknown_job_id_exits_6_and_says_so(module_deployment: Deployment,
+                                               command: str) -> None:
+    done = run(module_deployment, command, "nosuchjob")
+    assert done.returncode == 6 == Exit.NOT_FOUND, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"pipeq {command}: no job nosuchjob in this deployment (prefix "
+        f"'{module_deployment.prefix}'): never submitted here, or its record expired "
+        "(records are kept PIPEQ_RESULT_TTL_S = 86400s)")
+    assert "PENDING" not in done.stderr and done.stdout == ""
+
+
+def test_no_worker_error_of_the_cli_names_the_cli_option(module_deployment: Deployment
+                                                         ) -> None:
+    done = run(module_deployment, "submit", "--task", TASK, "--model", DOWN_MODEL, "hi")
+    assert done.returncode == 3
+    route = Route(task=TASK, model=DOWN_MODEL)
+    assert done.stderr.strip() == (
+        f"pipeq submit: no live worker serves route {route.describe()}. Start one with "
+        f"`pipeq worker --task {TASK} --model {DOWN_MODEL}`, or pass --no-require-worker to "
+        "queue the job for a worker that starts later")
+
+
+def test_submit_wait_timing_out_says_how_to_wait_again(module_deployment: Deployment) -> None:
+    done = run(module_deployment, "submit", "--task", TASK, "--model", DOWN_MODEL,
+               "--no-require-worker", "--wait", "--timeout", "1", "nobody runs me")
+    assert done.returncode == 4, done.stdout + done.stderr
+    job_id = done.stderr.split()[3]
+    assert done.stderr.strip() == (
+        f"pipeq submit: job {job_id} did not finish within 1s (status PENDING); it goes on: "
+        f"wait again with `pipeq result {job_id} --wait`, or stop it with "
+        f"`pipeq cancel {job_id}`")
+    assert "job.result" not in done.stderr
+
+
+def test_remote_call_timing_out_says_how_to_reach_the_job(module_deployment: Deployment
+                                                          ) -> None:
+    remote = pipeline(TASK, model=DOWN_MODEL, settings=module_deployment.settings.model_copy(
+        update={"require_worker": False}))
+    with pytest.raises(JobTimeout) as timed_out:
+        remote("nobody runs me", timeout=0.5)
+    job_id = timed_out.value.job_id
+    assert str(timed_out.value) == (
+        f"job {job_id} did not finish within 0.5s (status PENDING); it goes on: "
+        f"pipeq.get_job('{job_id}').result(timeout=...) waits for it again, .cancel() stops "
+        "it; or use remote.submit(...) to hold a Job")
+
+
+def test_a_bad_setting_says_what_is_wrong_without_pydantic_s_prefix(
+        module_deployment: Deployment) -> None:
+    env = module_deployment.env(PIPEQ_REDIS_URL="http://redis.internal:6379")
+    done = subprocess.run([sys.executable, "-P", "-m", "pipeq", "config"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "pipeq config: invalid pipeq settings: redis_url: PIPEQ_REDIS_URL must start with "
+        "redis://, rediss:// or unix://, not 'http'://")
+
+
+def test_worker_for_a_missing_model_folder_says_the_folder_is_missing(
+        module_deployment: Deployment, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    done = run(module_deployment, "worker", "--task", TASK, "--model", str(missing),
+               "--device", "cpu")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"model folder {missing} does not exist on this machine" in done.stderr
+    assert "Repo id" not in done.stderr and "repo_id" not in done.stderr
 
 
 def test_status_with_a_live_worker_exits_0(module_deployment: Deployment, model: str,

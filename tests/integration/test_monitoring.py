@@ -227,6 +227,12 @@ def test_worker_port_reports_batches_waits_and_memory(served: Served, traffic: T
     assert value(samples, "pipeq_worker_batch_fill_ratio_sum", route=rid) == 4 / MAX_BATCH
     assert value(samples, "pipeq_worker_inference_seconds_count", route=rid) == batches
     assert value(samples, "pipeq_worker_queue_wait_seconds_count", route=rid) == 2
+    # End to end, submit to record stored: one sample per job that reached a batch.
+    assert value(samples, "pipeq_job_latency_seconds_count", route=rid, state="SUCCESS") == 2
+    assert value(samples, "pipeq_job_latency_seconds_count", route=rid, state="EXPIRED") == 1
+    waits = value(samples, "pipeq_worker_queue_wait_seconds_sum", route=rid) or 0
+    latency = value(samples, "pipeq_job_latency_seconds_sum", route=rid, state="SUCCESS")
+    assert latency is not None and latency > waits > 0
     rss = value(samples, "pipeq_worker_device_memory_bytes", route=rid, device="cpu", kind="rss")
     assert rss is not None and rss > 10 * 2**20
 
@@ -255,3 +261,22 @@ def test_worker_logs_one_json_line_per_batch_and_per_job(served: Served,
     assert jobs[traffic.malformed_id]["state"] == "FAILURE"
     assert jobs[traffic.malformed_id]["error_type"] == "ValidationError"
     assert traffic.queued_id not in jobs  # its route has no worker: still queued
+
+
+def test_a_route_nobody_configured_or_serves_shows_from_its_queue(served: Served) -> None:
+    """Jobs queued for a route with no worker and no routing-table entry are seen by
+    ``pipeq status`` and the exporter (found from the queues under the prefix)."""
+    dep = served.dep
+    stray = Route(task=TASK, model="/models/nobody-configured-this")
+    waiting = dep.remote(TASK, stray.model)
+    for text in ("one", "two", "three"):
+        waiting.submit(text, require_worker=False)
+    status = {s["route_id"]: s for s in json.loads(dep.cli("status", "--json").stdout)}
+    assert status[stray.id]["queue_depth"] == 3 and status[stray.id]["configured"] is False
+    assert status[stray.id]["healthy"] is False and status[stray.id]["oldest_age_s"] >= 0
+    lines = dep.cli("status").stdout.splitlines()
+    assert any(ln.startswith("[DOWN]") and stray.model in ln and "queued=3" in ln
+               for ln in lines), lines
+    samples = scrape(served.exporter_url)
+    assert value(samples, "pipeq_queue_depth", route=stray.id, lane="interactive") == 3
+    assert value(samples, "pipeq_workers", route=stray.id) == 0

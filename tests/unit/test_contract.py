@@ -226,3 +226,14 @@ def test_canonical_task_normalises_case_and_space() -> None:
     assert canonical_task(" Fill-Mask ") == "fill-mask"
     assert canonical_task("NER") == "token-classification"
     assert canonical_task("text-to-speech") == "text-to-audio"
+
+
+def test_revision_main_and_no_revision_are_one_route() -> None:
+    """The hub's default revision is "main": a worker started with --revision main (as the
+    compose file does) serves producers that name no revision, under one queue."""
+    plain = Route(task="text-classification", model="org/model")
+    main = Route(task="text-classification", model="org/model", revision="main")
+    assert main == plain and main.id == plain.id and main.revision is None
+    assert main.worker_command() == "pipeq worker --task text-classification --model org/model"
+    other = Route(task="text-classification", model="org/model", revision="v2")
+    assert other.id != plain.id and other.revision == "v2"

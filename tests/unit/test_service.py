@@ -16,7 +16,7 @@ import redis
 from pipeq import RemotePipeline, Settings, pipeline
 from pipeq.client import Client
 from pipeq.core.config import RouteSpec
-from pipeq.errors import JobCancelled, JobExpired, JobFailed
+from pipeq.errors import JobCancelled, JobExpired, JobFailed, ValidationError
 from pipeq.worker.testing import EchoRunner, InProcessWorker
 
 TASK = "text-classification"
@@ -151,3 +151,13 @@ def test_one_failing_input_fails_only_its_job(settings: Settings,
     with pytest.raises(JobFailed) as info:
         jobs[1].result(timeout=5)
     assert info.value.error_type == "ValueError" and "refused" in info.value.remote_message
+
+
+def test_a_malformed_message_says_what_is_wrong_in_plain_words(settings: Settings) -> None:
+    """The job's error names each bad field with our own message, not pydantic's prefix."""
+    with harness(settings, EchoRunner(TASK)) as worker, pytest.raises(ValidationError) as bad:
+        worker.service.parse({"v": 2}, "job-1")
+    message = str(bad.value)
+    assert message.startswith("malformed job message: v: unsupported message schema version 2 "
+                              "(this is 1); job_id: Field required"), message
+    assert "Value error" not in message

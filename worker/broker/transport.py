@@ -10,7 +10,10 @@ Celery's worker consumes through kombu's Redis transport; this one changes four 
   instead of stopping the whole worker ("Unrecoverable error": one stray ``LPUSH`` would take
   a route down);
 - one Redis client per channel: kombu builds a new ``redis.Redis`` for every publish, ack
-  and unacked record (measured: ~3 a job, each filling a 170-entry response-callback table).
+  and unacked record (measured: ~3 a job, each filling a 170-entry response-callback table);
+- a reply to a control command (``celery inspect``, Flower's worker pages) expires when
+  nobody reads it: a reply that arrives after its client stopped listening would otherwise
+  stay in Redis for ever (see ``Keys.permanent``).
 
 The transport is registered with kombu as ``pipeq`` (``broker_transport = "pipeq"``): a name,
 so that ``celery inspect stats`` can report it. Its channel reads the deployment's key
@@ -42,6 +45,11 @@ TRANSPORT_NAME = "pipeq"
 #: Transport options carrying what the channel needs to know about the deployment.
 PREFIX_OPTION = "pipeq_prefix"
 FAULTS_OPTION = "pipeq_faults"
+#: How a control reply queue's name ends (kombu's pidbox: ``<client oid>.reply.celery.pidbox``).
+REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
+#: How long an unread control reply stays in Redis: clients wait seconds for replies (Flower
+#: and ``celery inspect``: 1 to 10 s), and one read later is thrown away anyway.
+REPLY_TTL_MS = 15_000
 
 
 class NotAKombuMessage(Exception):
@@ -89,6 +97,14 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._sync_client = super()._create_client()
         return client
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        super()._put(queue, message, **kwargs)
+        # The client declared the reply queue with an expiry kombu only applies on its own
+        # side; a worker replying here must not leave a key without one.
+        if queue.endswith(REPLY_QUEUE_SUFFIX) and queue not in getattr(self, "_expires", {}):
+            with self.conn_or_acquire() as client:
+                client.pexpire(self._q_for_pri(queue, 0), REPLY_TTL_MS)
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:

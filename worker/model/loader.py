@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeq.core.config import RouteSpec
@@ -38,6 +39,9 @@ def load_pipeline(spec: RouteSpec, device: str) -> Any:
         if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
             raise ModelLoadError(f"unknown dtype {spec.dtype!r}; use e.g. float16, bfloat16")
         kwargs["dtype"] = getattr(torch, spec.dtype)
+    missing = missing_folder(spec.model)
+    if missing:
+        raise ModelLoadError(missing)
     started = time.perf_counter()
     try:
         pipe = transformers.pipeline(**kwargs)
@@ -50,6 +54,21 @@ def load_pipeline(spec: RouteSpec, device: str) -> Any:
     log.info("loaded %s on %s in %.1fs", spec.route.describe(), device,
              time.perf_counter() - started)
     return pipe
+
+
+def missing_folder(model: str) -> str | None:
+    """Why ``model``, written as a local path, cannot be loaded (None: it exists, or it is a
+    hub id). transformers would take a missing folder for a hub id and complain about the
+    repo id's format instead."""
+    if not model.startswith(("/", "./", "../", "~", ".\\")) and model not in (".", ".."):
+        return None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None
+    what = "is a file, not a model folder" if path.exists() else "does not exist"
+    return (f"model folder {model} {what} on this machine (working directory "
+            f"{Path.cwd()}): give the directory that holds the model's config.json, or a hub "
+            "id such as org/name")
 
 
 def prepare_for_batching(pipe: Any) -> None:

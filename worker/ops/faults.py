@@ -7,7 +7,8 @@ Enabled only by the ``PIPEQ_FAULTS`` setting (never in production). A comma-sepa
 - ``oom_marker=TEXT``: any call containing an input with TEXT raises out-of-memory, even
   alone (that input must fail by itself);
 - ``transient=N``: the first N calls raise ConnectionError (must be retried);
-- ``slow_ms=N``: every call sleeps N ms first (long jobs, visibility timeout);
+- ``slow_ms=N``: every call sleeps N ms first (long jobs, visibility timeout); with
+  ``slow_marker=TEXT``, only calls containing an input with TEXT do (one job times out);
 - ``crash_marker=TEXT``: a call containing an input with TEXT kills the process (SIGKILL),
   as a segfaulting model would;
 - ``claim_crash_marker=TEXT``: a message whose job has TEXT kills the process (SIGKILL) the
@@ -46,7 +47,8 @@ class FaultInjector(Middleware):
         crash = self.options.get("crash_marker")
         if crash and any(crash in t for t in texts):
             os.kill(os.getpid(), signal.SIGKILL)
-        if "slow_ms" in self.options:
+        slow = self.options.get("slow_marker")
+        if "slow_ms" in self.options and (not slow or any(slow in t for t in texts)):
             time.sleep(int(self.options["slow_ms"]) / 1000)
         with self._lock:
             if self._transient_left > 0:

@@ -82,6 +82,8 @@ class Heartbeat:
         keys, ttl = self.registry.keys, self.registry.beat_ttl_s
         with self.registry.client.pipeline(transaction=False) as pipe:
             pipe.zadd(keys.route_workers(self.route), {self.hostname: now + ttl})
+            # Gone with the last live worker's beat: a killed worker never withdraws itself.
+            pipe.pexpire(keys.route_workers(self.route), int(ttl * 1000))
             pipe.hset(keys.routes(), self.route.id, self.route.model_dump_json())
             pipe.set(keys.worker_info(self.hostname), json.dumps(body), px=int(ttl * 1000))
             pipe.execute()

@@ -17,6 +17,8 @@ batch's jobs, and every stored job outcome):
 ``pipeq_worker_batch_fill_ratio``        histogram  batch size / max batch size
 ``pipeq_worker_inference_seconds``       histogram  seconds per pipeline call
 ``pipeq_worker_queue_wait_seconds``      histogram  per job, from submit to its batch's start
+``pipeq_job_latency_seconds``            histogram  per job, from submit to its final record
+                                                    stored (end to end), label ``state``
 ``pipeq_worker_device_memory_bytes``     gauge      label ``kind``: CUDA ``allocated`` and
                                                     ``reserved``, or ``rss`` on CPU
 =======================================  =========  ========================================
@@ -138,6 +140,9 @@ class _PrometheusMetrics:
         self.queue_wait = Histogram("pipeq_worker_queue_wait_seconds",
                                     "Per job: seconds from submit to its batch's start",
                                     ["route"], buckets=_WAIT_BUCKETS, registry=reg).labels(rid)
+        self.latency = Histogram("pipeq_job_latency_seconds",
+                                 "Per job: seconds from submit to its final record stored",
+                                 ["route", "state"], buckets=_WAIT_BUCKETS, registry=reg)
         self.memory = Gauge("pipeq_worker_device_memory_bytes",
                             "Device memory in use by this worker", ["route", "device", "kind"],
                             registry=reg)
@@ -249,11 +254,14 @@ class WorkerMetrics(Middleware):
                 log.debug("job %s already final; outcome %s not stored", outcome.job_id,
                           outcome.state)
                 continue
-            if self._prometheus:
-                self._prometheus.jobs[outcome.state].inc()
             total = run = None
             if times is not None:
                 total, run = max(0.0, now - times[0]), ended - times[1]
+            if self._prometheus:
+                self._prometheus.jobs[outcome.state].inc()
+                if total is not None:
+                    self._prometheus.latency.labels(self.route.id, outcome.state.value
+                                                    ).observe(total)
             error = outcome.payload.get("type") if isinstance(outcome.payload, dict) and (
                 outcome.state != JobState.SUCCESS) else None
             self._log_outcome(outcome.job_id, outcome.state, error, total, run)
