@@ -14,6 +14,7 @@ import io
 import numbers
 import os
 import pathlib
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,7 @@ def sniff_image(data: bytes, where: str) -> str:
     signature = _image_signature(data)
     try:
         from PIL import Image, UnidentifiedImageError
+        from PIL.Image import DecompressionBombError
     except ImportError:
         if signature is None:
             raise ValidationError(
@@ -124,6 +126,9 @@ def sniff_image(data: bytes, where: str) -> str:
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or signature or "unknown").lower()
             image.verify()
+    except DecompressionBombError as exc:
+        raise ValidationError(f"{where} has far more pixels than the limit a worker decodes "
+                              f"(PIPEQ_MAX_IMAGE_PIXELS): {exc}; scale it down") from None
     except UnidentifiedImageError:
         if signature is not None:
             raise ValidationError(f"{where} is a corrupt {signature} file: Pillow cannot read "
@@ -300,18 +305,36 @@ class Packer:
 
 
 def _read_file(path: str | pathlib.Path, where: str, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``: a device, FIFO or directory is refused before
+    any read (``/dev/zero`` has size 0 and never ends), and the read itself stops at the limit
+    (a file growing while it is read)."""
     name = os.fspath(path)
     try:
-        size = os.path.getsize(name)
-        if size > limit:
-            raise ValidationError(too_large(f"{where} ({name})", size, limit))
-        with open(name, "rb") as handle:
-            return handle.read()
+        # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever (no effect
+        # on the reads of a regular file).
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ValidationError(
+                f"{where} ({name!r}) is not a regular file (a device, pipe, socket or "
+                "directory); pass the path of an image or audio file, or its bytes")
+        with open(fd, "rb") as handle:
+            if info.st_size > limit:
+                raise ValidationError(too_large(f"{where} ({name})", info.st_size, limit))
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise ValidationError(
             f"{where}: cannot read file {name!r} ({exc.strerror or exc}); a path is read by the "
             "producer, so it must exist here (or pass an http(s) URL for the worker to fetch)"
         ) from None
+    if len(data) > limit:
+        raise ValidationError(too_large(f"{where} ({name})", len(data), limit))
+    return data
 
 
 def _b64decode(text: str, where: str) -> bytes:

@@ -128,6 +128,8 @@ class RouteService:
     def stop(self) -> None:
         """Stop the deadline watch, the media pool and the batcher threads."""
         self._stopping.set()
+        if self.media is not None:
+            self.media.budget.close()
         if self._media_pool is not None:
             self._media_pool.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
@@ -315,6 +317,9 @@ class RouteService:
                 for item in ended:
                     self._in_flight.pop(item.job_id, None)
                 self._idle.notify_all()
+            if self.media is not None:  # its decoded images are no longer held
+                for item in ended:
+                    self.media.budget.free(item.job_id)
 
     # --- deadlines and run-time limits --------------------------------------------------------
 
