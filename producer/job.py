@@ -9,10 +9,13 @@ threads or from asyncio.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Generator
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from pipeq.core.contract import JobState, Route
 from pipeq.core.store import JobRecord
@@ -23,11 +26,14 @@ from pipeq.errors import (
     JobLost,
     JobNotFound,
     JobTimeout,
+    PipeqError,
     ValidationError,
 )
 
 if TYPE_CHECKING:
     from pipeq.client import Client
+
+log = logging.getLogger("pipeq.job")
 
 
 class Job:
@@ -63,11 +69,13 @@ class Job:
         """True once the job is in a final state."""
         return JobState(self.status()).is_final
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None, *, drop: bool | None = None) -> Any:
         """Block until the job ends and return its result (or raise its error).
 
         Raises JobTimeout if it has not ended within ``timeout`` seconds (default: the
         settings' ``default_timeout_s``); the job itself goes on and can be waited for again.
+        ``drop=True`` (default: the ``drop_read_results`` setting) drops the result from
+        Redis once read: its memory is freed, its state stays until the record expires.
         """
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
@@ -75,7 +83,7 @@ class Job:
             record = self.client.call_redis(lambda: self.client.store.get(self.id))
             self._take(record)
         try:
-            return outcome(future.result(timeout=wait))
+            record = future.result(timeout=wait)
         except FutureTimeout:
             self.client.waiter.forget(self.id)
             (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
@@ -83,9 +91,11 @@ class Job:
                 f"job {self.id} did not finish within {wait:g}s (status "
                 f"{state.value if state else 'unknown'}); wait again with "
                 "job.result(timeout=...) or cancel it") from None
+        self._dropped_once_read(drop)
+        return outcome(record)
 
-    async def aresult(self, timeout: float | None = None) -> Any:
-        """The result, awaited without blocking the event loop."""
+    async def aresult(self, timeout: float | None = None, *, drop: bool | None = None) -> Any:
+        """The result, awaited without blocking the event loop (``drop`` as in result())."""
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
         if not self.watched_from_start:
@@ -93,10 +103,26 @@ class Job:
                                              lambda: self.client.store.get(self.id))
             self._take(record)
         try:
-            return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
+            record = await asyncio.wait_for(asyncio.wrap_future(future), wait)
         except TimeoutError:
             self.client.waiter.forget(self.id)
             raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+        await asyncio.to_thread(self._dropped_once_read, drop)
+        return outcome(record)
+
+    def drop(self) -> bool:
+        """Drop the job's result (or error) from Redis, keeping its state until the record
+        expires; False when the job has not ended (nothing is dropped then)."""
+        (dropped,) = self.client.call_redis(lambda: self.client.store.drop([self.id]))
+        return dropped
+
+    def _dropped_once_read(self, drop: bool | None) -> None:
+        if not (self.client.settings.drop_read_results if drop is None else drop):
+            return
+        try:
+            self.drop()
+        except (PipeqError, redis.RedisError) as exc:  # the caller has its result: keep it
+            log.warning("job %s: could not drop its result from Redis: %s", self.id, exc)
 
     def _take(self, record: JobRecord | None) -> None:
         """Act on the record read before waiting: unknown id, or already final."""
@@ -128,13 +154,17 @@ class Job:
 def wait_seconds(default: float, timeout: float | None) -> float | None:
     """A caller's wait: the default if None given; math.inf means no limit (None)."""
     wait = default if timeout is None else timeout
-    if wait != wait or wait < 0:
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait != wait or wait < 0:
         raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
     return None if wait == math.inf else wait
 
 
 def outcome(record: JobRecord) -> Any:
     """The caller's view of a final record: the result, or the matching exception."""
+    if record.dropped:
+        raise JobNotFound(f"the result of job {record.job_id} ({record.state.value}) was "
+                          "dropped from Redis once it was read (result(drop=True) or "
+                          "PIPEQ_DROP_READ_RESULTS)")
     if record.state == JobState.SUCCESS:
         return record.result
     error = record.error or {}
