@@ -42,7 +42,7 @@ import pytest
 import transformers
 from compare import assert_same
 from conftest import Deployment, WorkerProcess
-from fault_support import wait_until
+from fault_support import HOSTILE_CAP_MB, wait_until
 from hostile_server import HostileServer, drip, endless, free_port, ok, redirect
 from PIL import Image
 from tiny_media_models import build_media_model, image_bytes, sample_audio, sample_image, wav_bytes
@@ -50,9 +50,7 @@ from tiny_media_models import build_media_model, image_bytes, sample_audio, samp
 from pipeq import RemotePipeline
 from pipeq.errors import JobFailed, ValidationError
 
-#: Address space of each worker: ~2x what a tiny-model worker maps when ready, far below
-#: what one 13000x13000 image (or the stop_sequence of issue #19) took.
-CAP_MB = 6144
+CAP_MB = HOSTILE_CAP_MB
 FETCH_DEADLINE_S = 3.0
 PIXEL_BUDGET = 80_000_000
 

@@ -7,6 +7,9 @@
   reach the worker, and raw queue items. Each gets a clear error at the producer or a clean
   FAILURE (or a dead letter) at the worker; the worker neither crashes nor stalls.
 - Idempotency keys: submitting twice runs once.
+
+The worker runs under ``prlimit --as`` (``HOSTILE_CAP_MB``): a bad input that escaped its
+bounds would fail the test with a MemoryError instead of exhausting the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from compare import assert_same
 from conftest import Deployment
 from corpus import Served, producer_cases, raw_items, worker_cases
 from fault_support import (
+    HOSTILE_CAP_MB,
     TASK,
     dead_letters,
     kombu_envelope,
@@ -54,7 +58,7 @@ def served(redis_url: str, models_dir: Path, tmp_path_factory: pytest.TempPathFa
     first = remote.submit("submitted twice", require_worker=False, idempotency_key="order-1")
     again = remote.submit("submitted twice", require_worker=False, idempotency_key="order-1")
     length = queue_length(dep, remote.route)
-    worker = dep.start_worker(TASK, model)
+    worker = dep.start_worker(TASK, model, address_space_mb=HOSTILE_CAP_MB)
     yield Served(dep, model, remote, worker, transformers.pipeline(TASK, model=model),
                  (first.id, again.id), length)
     dep.close()
@@ -189,6 +193,7 @@ def test_bad_input_corpus(served: Served) -> None:
     assert served.worker.proc.poll() is None
     served.good_job("a good job after the whole corpus")
     assert "Unrecoverable error" not in served.worker.log()
+    assert "MemoryError" not in served.worker.log()
     # No message is left recorded as held: a dead letter's record would be restored (and
     # dead-lettered again) after every visibility timeout.
     wait_until(lambda: unacked_count(served.dep) == 0, 10, "the unacked records to clear")
