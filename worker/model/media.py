@@ -55,6 +55,10 @@ class MediaPolicy:
     url_allow_networks: tuple[IpNetwork, ...] = field(default_factory=tuple)
 
 
+class BudgetClosed(Exception):
+    """The worker stops: a job waiting for room to decode its images is handed back."""
+
+
 class PixelBudget:
     """Decoded image pixels of the jobs a worker holds, shared: a job reserves its images'
     pixels before decoding them (waiting while others hold the budget) and frees them when it
@@ -68,12 +72,14 @@ class PixelBudget:
         self._closed = False
 
     def reserve(self, job_id: str, pixels: int, deadline: float | None) -> None:
-        """Take ``pixels`` for ``job_id``; TimeoutError at ``deadline`` (time.time()) or when
-        the worker stops."""
+        """Take ``pixels`` for ``job_id``; TimeoutError at ``deadline`` (time.time()),
+        BudgetClosed once the worker stops."""
         with self._cond:
-            while self.used + pixels > self.capacity:
+            while self.used + pixels > self.capacity or self._closed:
+                if self._closed:
+                    raise BudgetClosed()
                 left = None if deadline is None else deadline - time.time()
-                if self._closed or (left is not None and left <= 0):
+                if left is not None and left <= 0:
                     raise TimeoutError(
                         "the worker's budget of decoded image pixels (PIPEQ_MAX_DECODED_PIXELS) "
                         "stayed taken by other jobs until this job's deadline")
@@ -88,7 +94,7 @@ class PixelBudget:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Wake every waiter: the worker stops."""
+        """The worker stops: every waiter (and every later reservation) gets BudgetClosed."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
