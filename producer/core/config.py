@@ -209,8 +209,9 @@ class Settings(BaseSettings):
             broken = True
         if broken:
             raise ValueError(
-                "PIPEQ_REDIS_URL does not parse as redis://[user[:password]@]host[:port][/db]: "
-                "percent-encode a password's /, #, ?, @ and % (as %2F, %23, %3F, %40, %25)")
+                "PIPEQ_REDIS_URL does not parse as redis://[user[:password]@]host[:port][/db] "
+                "(port 0-65535): percent-encode a password's /, #, ?, @ and % (as %2F, %23, "
+                "%3F, %40, %25)")
         return value
 
     @field_validator("url_allow_networks")
