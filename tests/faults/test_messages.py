@@ -243,3 +243,30 @@ def test_celery_builtin_tasks_are_dead_lettered_not_run(served: Served) -> None:
                "the forged message to leave the queue")
     assert unacked_count(served.dep) == 0
     served.good_job("a good job after a forged built-in task")
+
+
+def test_a_forged_reply_to_never_touches_other_jobs(served: Served) -> None:
+    """Issue #19: a forged message whose reply_to named a key of another type made the
+    finishing script fail with WRONGTYPE, and the records of its whole batch were skipped."""
+    keys = served.dep.settings.keys
+    hash_like_reply = keys.reply("0" * 32)  # the form of a reply list, but a hash
+    served.dep.redis.hset(hash_like_reply, "mine", "yes")
+    other_record = keys.result(new_job_id())
+    served.dep.redis.hset(other_record, "state", "SUCCESS")
+    celery = make_celery(served.dep.settings)
+    forged = []
+    for target in (hash_like_reply, other_record, "elsewhere:list", keys.unacked()):
+        body = served.request(reply_to=target)
+        served.known(body["job_id"])
+        celery.send_task(served.task_name, task_id=body["job_id"], queue=served.queue,
+                         kwargs={"request": body})
+        forged.append(Job(served.remote.client, body["job_id"]))
+    legit = [served.remote.submit(f"legit {i}") for i in range(24)]
+    for i, job in enumerate(legit):
+        assert_same(job.result(timeout=60), served.local(f"legit {i}"))
+    for job in forged:  # each ran as a job of its own; its bad field touched nothing
+        job.result(timeout=60)
+    assert served.dep.redis.type(hash_like_reply) == b"hash"
+    assert served.dep.redis.hgetall(other_record) == {b"state": b"SUCCESS"}
+    assert served.dep.redis.type("elsewhere:list") == b"none"
+    assert served.worker.proc.poll() is None
