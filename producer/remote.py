@@ -129,7 +129,7 @@ class RemotePipeline:
         prepared = prepare_inputs(
             self.task, inputs, job_id=job_id, keys=self.client.keys,
             limits=InputLimits(settings.max_input_chars, settings.max_inputs_per_job,
-                               settings.payload_limit(self.route)),
+                               settings.payload_limit(self.route), settings.max_image_pixels),
             claim_check_bytes=settings.claim_check_bytes)
         clean = validate_params(self.task, params)
         wait = settings.default_timeout_s if timeout is None else timeout

@@ -108,3 +108,13 @@ def test_pillows_own_bomb_limit_reads_as_ours() -> None:
     Image.new("1", (20_000, 10_000)).save(buffer, format="PNG")  # 200 M one-bit pixels
     with pytest.raises(ValidationError, match="far more pixels than the limit"):
         open_image(buffer.getvalue(), "x", max_pixels=10**12)
+
+
+def test_the_producer_refuses_too_many_pixels_before_enqueueing() -> None:
+    from pipeq.media import sniff_image
+
+    data = image_bytes(sample_image(400, 300))
+    assert sniff_image(data, "x", max_pixels=120_000) == "png"
+    with pytest.raises(ValidationError, match=r"the input is 400x300 = 120,000 pixels, over the "
+                                              r"limit of 100,000 per image"):
+        sniff_image(data, "the input", max_pixels=100_000)
