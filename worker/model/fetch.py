@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+from pipeq.core.secrets import mask_url
 from pipeq.errors import ValidationError
 
 log = logging.getLogger("pipeq.worker.fetch")
@@ -70,7 +71,7 @@ def fetch_url(url: str, where: str, policy: FetchPolicy) -> bytes:
         raise ValidationError(f"{where}: the URL's content is larger than this route's payload "
                               f"limit of {policy.max_bytes:,} bytes") from None
     except Exception as exc:  # any failure, same words: nothing to learn about the network
-        log.info("%s: fetch of %.200s refused or failed: %s: %s", where, url,
+        log.info("%s: fetch of %.200s refused or failed: %s: %s", where, mask_url(url),
                  type(exc).__name__, exc)
         raise ValidationError(
             f"{where}: cannot fetch the URL: it must be a public http(s) address that answers "
