@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     max_payload_bytes: Annotated[int, Field(ge=1)] = 32 * 1024 * 1024
     #: Pixels of one image input (read from its header before it is decoded).
     max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
-    #: Decoded image pixels a worker holds for all its jobs together (a job waits for room;
-    #: one needing more than all of it is refused). ~3-4 bytes each in memory.
+    #: Decoded image pixels plus audio samples a worker holds for all its jobs together (a
+    #: job waits for room; one needing more than all of it is refused). ~3-4 bytes each.
     max_decoded_pixels: Annotated[int, Field(ge=1)] = 200_000_000
     #: Seconds of audio in one input (read from the header; bounds resampling too).
     max_audio_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 600.0

@@ -118,3 +118,30 @@ def test_the_producer_refuses_too_many_pixels_before_enqueueing() -> None:
     with pytest.raises(ValidationError, match=r"the input is 400x300 = 120,000 pixels, over the "
                                               r"limit of 100,000 per image"):
         sniff_image(data, "the input", max_pixels=100_000)
+
+
+def test_decoded_audio_counts_in_the_same_budget() -> None:
+    import base64
+
+    from pipeq.core.contract import JobRequest, Route, new_job_id
+    from pipeq.core.keys import Keys
+    from pipeq.worker.model.media import MediaPolicy, MediaResolver
+
+    samples = np.zeros(2000, dtype=np.float32)
+    envelope = {"$media": "audio", "format": "pcm", "dtype": "float32", "shape": [2000],
+                "sampling_rate": 16_000, "data": base64.b64encode(samples.tobytes()).decode()}
+    route = Route(task="audio-classification", model="m")
+
+    def request() -> JobRequest:
+        return JobRequest(job_id=new_job_id(), route=route, inputs=[envelope], single=True,
+                          submitted_at=time.time(), deadline=time.time() + 5)
+
+    roomy = MediaResolver(None, Keys("t"), MediaPolicy(max_decoded_pixels=2000))  # type: ignore[arg-type]
+    first = request()
+    assert roomy.resolve(first)[0]["raw"].shape == (2000,)
+    assert roomy.budget.used == 2000
+    roomy.budget.free(first.job_id)
+    tight = MediaResolver(None, Keys("t"), MediaPolicy(max_decoded_pixels=1999))  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="the job's audio holds 2,000 samples decoded, "
+                                              "over this worker's limit of 1,999"):
+        tight.resolve(request())

@@ -8,10 +8,11 @@ down to mono as ffmpeg does for a local pipeline), numpy waveforms rebuilt exact
 fetched only when the route allows it (``--allow-urls``; see ``pipeq.worker.model.fetch``).
 
 What decoding costs is bounded before it is paid: an image's pixels are read from its header
-(``max_image_pixels`` per input; 492 KB of PNG can hold 13000x13000 pixels), and the images of
-the jobs a worker holds share one budget of decoded pixels (``max_decoded_pixels``, waited
-for; a job needing more than all of it is refused). Audio files are bounded in duration
-(``max_audio_seconds``, which also bounds what resampling makes of a 1 Hz "recording").
+(``max_image_pixels`` per input; 492 KB of PNG can hold 13000x13000 pixels), audio files are
+bounded in duration (``max_audio_seconds``, which also bounds what resampling makes of a 1 Hz
+"recording"), and the decoded images and audio of the jobs a worker holds share one budget
+(``max_decoded_pixels``: image pixels plus audio samples, waited for; a job needing more than
+all of it is refused).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ class BudgetClosed(Exception):
 
 
 class PixelBudget:
-    """Decoded image pixels of the jobs a worker holds, shared: a job reserves its images'
-    pixels before decoding them (waiting while others hold the budget) and frees them when it
-    leaves the worker."""
+    """Decoded image pixels (and audio samples) of the jobs a worker holds, shared: a job
+    reserves them before decoding its images (waiting while others hold the budget) and
+    frees them when it leaves the worker."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -130,13 +131,16 @@ class MediaResolver:
                  for i, item in enumerate(request.inputs)]
         images = [image for item in items for image in _images(item)]
         pixels = sum(image.width * image.height for image in images)
-        if pixels > self.budget.capacity:
+        samples = sum(_samples(item) for item in items)  # decoded already (from the header)
+        if pixels + samples > self.budget.capacity:
+            held = (f"images hold {pixels:,} pixels" if pixels else
+                    f"audio holds {samples:,} samples")
             raise ValidationError(
-                f"the job's images hold {pixels:,} pixels decoded, over this worker's limit of "
+                f"the job's {held} decoded, over this worker's limit of "
                 f"{self.budget.capacity:,} (PIPEQ_MAX_DECODED_PIXELS): send fewer or smaller "
-                "images per job")
-        if pixels:
-            self.budget.reserve(request.job_id, pixels, request.deadline)
+                "inputs per job")
+        if pixels + samples:
+            self.budget.reserve(request.job_id, pixels + samples, request.deadline)
         for index, image in enumerate(images):
             load_image(image, f"image {index} of the job")
         return items
@@ -194,6 +198,17 @@ def _images(item: Any) -> list[Image.Image]:
     if isinstance(item, list):
         return [image for value in item for image in _images(value)]
     return []
+
+
+def _samples(item: Any) -> int:
+    """Decoded audio samples in a resolved input (counted in the same budget as pixels)."""
+    if isinstance(item, np.ndarray):
+        return int(item.size)
+    if isinstance(item, dict):
+        return sum(_samples(value) for value in item.values())
+    if isinstance(item, list):
+        return sum(_samples(value) for value in item)
+    return 0
 
 
 def open_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
