@@ -9,11 +9,14 @@ threads or from asyncio.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Generator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from pipeq.core.contract import JobState, Route
 from pipeq.core.store import JobRecord
@@ -24,11 +27,14 @@ from pipeq.errors import (
     JobLost,
     JobNotFound,
     JobTimeout,
+    PipeqError,
     ValidationError,
 )
 
 if TYPE_CHECKING:
     from pipeq.client import Client
+
+log = logging.getLogger("pipeq.job")
 
 
 class Job:
@@ -64,11 +70,13 @@ class Job:
         """True once the job is in a final state."""
         return JobState(self.status()).is_final
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None, *, drop: bool | None = None) -> Any:
         """Block until the job ends and return its result (or raise its error).
 
         Raises JobTimeout if it has not ended within ``timeout`` seconds (default: the
         settings' ``default_timeout_s``); the job itself goes on and can be waited for again.
+        ``drop=True`` (default: the ``drop_read_results`` setting) drops the result from
+        Redis once read: its memory is freed, its state stays until the record expires.
         """
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
         future, unseen = self._watch()
@@ -76,7 +84,7 @@ class Job:
             record = self.client.call_redis(lambda: self.client.store.get(self.id))
             self._take(record)
         try:
-            return outcome(future.result(timeout=wait))
+            record = future.result(timeout=wait)
         except FutureTimeout:
             self.client.waiter.forget(self.id)
             (state,) = self.client.call_redis(lambda: self.client.store.states([self.id]))
@@ -85,9 +93,11 @@ class Job:
                 f"job {self.id} did not finish within {wait:g}s (status {shown}); wait "
                 "again with job.result(timeout=...) or cancel it", job_id=self.id,
                 waited_s=wait or 0.0, state=shown) from None
+        self._dropped_once_read(drop)
+        return outcome(record)
 
-    async def aresult(self, timeout: float | None = None) -> Any:
-        """The result, awaited without blocking the event loop."""
+    async def aresult(self, timeout: float | None = None, *, drop: bool | None = None) -> Any:
+        """The result, awaited without blocking the event loop (``drop`` as in result())."""
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
         future, unseen = self._watch()
         if unseen:
@@ -95,11 +105,13 @@ class Job:
                                              lambda: self.client.store.get(self.id))
             self._take(record)
         try:
-            return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
+            record = await asyncio.wait_for(asyncio.wrap_future(future), wait)
         except TimeoutError:
             self.client.waiter.forget(self.id)
             raise JobTimeout(f"job {self.id} did not finish within {wait:g}s",
                              job_id=self.id, waited_s=wait or 0.0) from None
+        await asyncio.to_thread(self._dropped_once_read, drop)
+        return outcome(record)
 
     def _watch(self) -> tuple[Future[JobRecord], bool]:
         """The Future of the job's final record, and whether the record must be read first:
@@ -109,6 +121,20 @@ class Job:
             return self.future, False
         future = self.client.waiter.watch(self.id)
         return future, future is not self.future
+
+    def drop(self) -> bool:
+        """Drop the job's result (or error) from Redis, keeping its state until the record
+        expires; False when the job has not ended (nothing is dropped then)."""
+        (dropped,) = self.client.call_redis(lambda: self.client.store.drop([self.id]))
+        return dropped
+
+    def _dropped_once_read(self, drop: bool | None) -> None:
+        if not (self.client.settings.drop_read_results if drop is None else drop):
+            return
+        try:
+            self.drop()
+        except (PipeqError, redis.RedisError) as exc:  # the caller has its result: keep it
+            log.warning("job %s: could not drop its result from Redis: %s", self.id, exc)
 
     def _take(self, record: JobRecord | None) -> None:
         """Act on the record read before waiting: unknown id, or already final."""
@@ -145,13 +171,17 @@ class Job:
 def wait_seconds(default: float, timeout: float | None) -> float | None:
     """A caller's wait: the default if None given; math.inf means no limit (None)."""
     wait = default if timeout is None else timeout
-    if wait != wait or wait < 0:
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait != wait or wait < 0:
         raise ValidationError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
     return None if wait == math.inf else wait
 
 
 def outcome(record: JobRecord) -> Any:
     """The caller's view of a final record: the result, or the matching exception."""
+    if record.dropped:
+        raise JobNotFound(f"the result of job {record.job_id} ({record.state.value}) was "
+                          "dropped from Redis once it was read (result(drop=True) or "
+                          "PIPEQ_DROP_READ_RESULTS)")
     if record.state == JobState.SUCCESS:
         return record.result
     error = record.error or {}

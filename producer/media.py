@@ -14,6 +14,7 @@ import io
 import numbers
 import os
 import pathlib
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -58,36 +59,40 @@ def encode_item(task: str, kind: str, item: Any, where: str, limits: InputLimits
         return {key: _encode_field(key, value, f"{where} {key!r}", limits)
                 for key, value in item.items()}
     if kind == "image":
-        return _encode_image(item, where, limit)
+        return _encode_image(item, where, limit, limits.max_image_pixels)
     return _encode_audio(task, item, where, limit)
 
 
 def _encode_field(key: str, value: Any, where: str, limits: InputLimits) -> Any:
     """A field of a document-style input: images are encoded, other values checked as JSON."""
     if key in IMAGE_FIELDS:
-        return _encode_images(value, where, limits.max_payload_bytes or 0)
+        return _encode_images(value, where, limits.max_payload_bytes or 0,
+                              limits.max_image_pixels)
     check_json(value, where, max_chars=limits.max_chars, depth=1)
     return value
 
 
-def _encode_images(value: Any, where: str, limit: int) -> Any:
+def _encode_images(value: Any, where: str, limit: int, pixels: int | None) -> Any:
     if isinstance(value, list):
-        return [_encode_image(v, f"{where}[{i}]", limit) for i, v in enumerate(value)]
-    return _encode_image(value, where, limit)
+        return [_encode_image(v, f"{where}[{i}]", limit, pixels) for i, v in enumerate(value)]
+    return _encode_image(value, where, limit, pixels)
 
 
-def _encode_image(item: Any, where: str, limit: int) -> Blob | dict[str, Any]:
+def _encode_image(item: Any, where: str, limit: int, pixels: int | None = None
+                  ) -> Blob | dict[str, Any]:
     if isinstance(item, str) and item.startswith(("http://", "https://")):
         check_url(item, where)
         return {MEDIA_KEY: "image", "url": item}
     if isinstance(item, str) and item.startswith("data:image/"):
         data = _b64decode(item.partition(",")[2], where)
-        return _image_blob(data, where, limit)
+        return _image_blob(data, where, limit, pixels)
     if isinstance(item, (str, pathlib.Path)):
-        return _image_blob(_read_file(item, where, limit), where, limit)
+        return _image_blob(_read_file(item, where, limit), where, limit, pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _image_blob(bytes(item), where, limit)
+        return _image_blob(bytes(item), where, limit, pixels)
     if _is_pil_image(item):
+        width, height = item.size
+        check_pixels(width, height, where, pixels)
         data, fmt = encode_pil_image(item)
         check_size(len(data), where, limit)
         return Blob("image", {"format": fmt}, data)
@@ -97,13 +102,22 @@ def _encode_image(item: Any, where: str, limit: int) -> Blob | dict[str, Any]:
     )
 
 
-def _image_blob(data: bytes, where: str, limit: int) -> Blob:
+def _image_blob(data: bytes, where: str, limit: int, pixels: int | None = None) -> Blob:
     check_size(len(data), where, limit)
-    return Blob("image", {"format": sniff_image(data, where)}, data)
+    return Blob("image", {"format": sniff_image(data, where, pixels)}, data)
 
 
-def sniff_image(data: bytes, where: str) -> str:
-    """The image format of file bytes; ValidationError when they are not a readable image.
+def check_pixels(width: int, height: int, where: str, max_pixels: int | None) -> None:
+    """Refuse an image of more than ``max_pixels`` (what workers decode: PIPEQ_MAX_IMAGE_PIXELS)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValidationError(
+            f"{where} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} per image (PIPEQ_MAX_IMAGE_PIXELS): scale it down before sending")
+
+
+def sniff_image(data: bytes, where: str, max_pixels: int | None = None) -> str:
+    """The image format of file bytes; ValidationError when they are not a readable image
+    (or, with Pillow and ``max_pixels``, one with more pixels than workers decode).
 
     With Pillow installed the bytes are parsed (``verify``), which catches truncated and
     corrupt files; without it only the file signature is checked.
@@ -113,6 +127,7 @@ def sniff_image(data: bytes, where: str) -> str:
     signature = _image_signature(data)
     try:
         from PIL import Image, UnidentifiedImageError
+        from PIL.Image import DecompressionBombError
     except ImportError:
         if signature is None:
             raise ValidationError(
@@ -123,7 +138,14 @@ def sniff_image(data: bytes, where: str) -> str:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or signature or "unknown").lower()
+            width, height = image.size
+            check_pixels(width, height, where, max_pixels)
             image.verify()
+    except ValidationError:
+        raise
+    except DecompressionBombError as exc:
+        raise ValidationError(f"{where} has far more pixels than the limit a worker decodes "
+                              f"(PIPEQ_MAX_IMAGE_PIXELS): {exc}; scale it down") from None
     except UnidentifiedImageError:
         if signature is not None:
             raise ValidationError(f"{where} is a corrupt {signature} file: Pillow cannot read "
@@ -300,18 +322,36 @@ class Packer:
 
 
 def _read_file(path: str | pathlib.Path, where: str, limit: int) -> bytes:
+    """A regular file's bytes, at most ``limit``: a device, FIFO or directory is refused before
+    any read (``/dev/zero`` has size 0 and never ends), and the read itself stops at the limit
+    (a file growing while it is read)."""
     name = os.fspath(path)
     try:
-        size = os.path.getsize(name)
-        if size > limit:
-            raise ValidationError(too_large(f"{where} ({name})", size, limit))
-        with open(name, "rb") as handle:
-            return handle.read()
+        # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever (no effect
+        # on the reads of a regular file).
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ValidationError(
+                f"{where} ({name!r}) is not a regular file (a device, pipe, socket or "
+                "directory); pass the path of an image or audio file, or its bytes")
+        with open(fd, "rb") as handle:
+            if info.st_size > limit:
+                raise ValidationError(too_large(f"{where} ({name})", info.st_size, limit))
+            data = handle.read(limit + 1)
     except OSError as exc:
         raise ValidationError(
             f"{where}: cannot read file {name!r} ({exc.strerror or exc}); a path is read by the "
             "producer, so it must exist here (or pass an http(s) URL for the worker to fetch)"
         ) from None
+    if len(data) > limit:
+        raise ValidationError(too_large(f"{where} ({name})", len(data), limit))
+    return data
 
 
 def _b64decode(text: str, where: str) -> bytes:

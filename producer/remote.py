@@ -88,8 +88,9 @@ class RemotePipeline:
 
     def _claim_idempotency_key(self, key: str, job_id: str) -> str | None:
         """Bind ``key`` to ``job_id``; return the job id it was already bound to, if any."""
-        if not key or len(key) > 256:
-            raise ValidationError("idempotency_key must be a non-empty string of <= 256 chars")
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise ValidationError("idempotency_key must be a non-empty string of <= 256 chars, "
+                                  f"got {type(key).__name__} {key!r:.40}")
         name = self.client.keys.idempotency(key)
         ttl = self.client.settings.result_ttl_s
         claimed = self.client.call_redis(lambda: self.client.redis.set(name, job_id, nx=True,
@@ -136,12 +137,12 @@ class RemotePipeline:
         prepared = prepare_inputs(
             self.task, inputs, job_id=job_id, keys=self.client.keys,
             limits=InputLimits(settings.max_input_chars, settings.max_inputs_per_job,
-                               settings.payload_limit(self.route)),
+                               settings.payload_limit(self.route), settings.max_image_pixels),
             claim_check_bytes=settings.claim_check_bytes)
         clean = validate_params(self.task, params)
         wait = settings.default_timeout_s if timeout is None else timeout
         # inf would overflow the worker's and the waiter's Event.wait(): refuse it here.
-        if not 0 < wait < math.inf:
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 < wait < math.inf:
             raise ValidationError(
                 f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         submitted = time.time()

@@ -136,13 +136,18 @@ class Deployment:
         return env
 
     def start_worker(self, task: str, model: str, *args: str, ready: bool = True,
-                     env: dict[str, str] | None = None, cwd: Path = ROOT) -> WorkerProcess:
+                     env: dict[str, str] | None = None, cwd: Path = ROOT,
+                     address_space_mb: int | None = None) -> WorkerProcess:
         """Start ``pipeq worker`` for (task, model) on the CPU; wait for ready unless told not.
 
         ``cwd``: the folder it runs in (the repository's root unless a test says otherwise).
+        ``address_space_mb``: run it under ``prlimit --as`` (a hostile input that escapes its
+        bounds then fails the test with a MemoryError instead of exhausting the machine).
         """
-        argv = [sys.executable, "-P", "-m", "pipeq", "worker", "--task", task, "--model", model,
-                *args]
+        cap = (["prlimit", f"--as={address_space_mb * 1024 * 1024}", "--"]
+               if address_space_mb else [])
+        argv = [*cap, sys.executable, "-P", "-m", "pipeq", "worker", "--task", task,
+                "--model", model, *args]
         if "--device" not in args and "--gpus" not in args:
             argv += ["--device", "cpu"]
         log = self.workdir / f"worker-{len(self.workers)}.log"

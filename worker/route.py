@@ -15,6 +15,7 @@ from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.store import JobStore
 from pipeq.worker.batching.batcher import GATHER_CALLS, BatchPolicy, MicroBatcher
 from pipeq.worker.hooks import Hooks, Middleware
+from pipeq.worker.model.fetch import parse_networks
 from pipeq.worker.model.media import MediaPolicy
 from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.redis_guard import RedisGuard
@@ -27,13 +28,23 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
     """The route's service, with its batcher attached (not yet started)."""
     hooks = Hooks(middleware)
     store = JobStore(client, settings.keys, settings.result_ttl_s)
-    media = MediaPolicy(spec.allow_urls, spec.max_payload_bytes or settings.max_payload_bytes)
+    media = media_policy(spec, settings)
     service = RouteService(spec.route, settings, store, hostname, media=media, hooks=hooks,
                            run_timeout_s=spec.timeout_s, guard=RedisGuard())
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
                          call_overhead, settings.max_retries, settings.retry_backoff_s)
     service.attach(MicroBatcher(runners, policy, service, hooks))
     return service
+
+
+def media_policy(spec: RouteSpec, settings: Settings) -> MediaPolicy:
+    """What the route's media inputs may cost (payload, pixels, audio, URL fetches)."""
+    return MediaPolicy(spec.allow_urls, spec.max_payload_bytes or settings.max_payload_bytes,
+                       max_image_pixels=settings.max_image_pixels,
+                       max_decoded_pixels=settings.max_decoded_pixels,
+                       max_audio_seconds=settings.max_audio_seconds,
+                       url_deadline_s=settings.url_fetch_timeout_s,
+                       url_allow_networks=parse_networks(settings.url_allow_networks))
 
 
 def prefetch_limit(spec: RouteSpec, instances: int) -> int:

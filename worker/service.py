@@ -34,7 +34,7 @@ from pipeq.errors import ValidationError
 from pipeq.worker.batching.batcher import Failure, MicroBatcher
 from pipeq.worker.batching.jobs import Delivery, Ended, JobInFlight
 from pipeq.worker.hooks import Middleware
-from pipeq.worker.model.media import MediaPolicy, MediaResolver
+from pipeq.worker.model.media import BudgetClosed, MediaPolicy, MediaResolver
 from pipeq.worker.redis_guard import RedisGuard
 
 log = logging.getLogger("pipeq.worker")
@@ -106,6 +106,8 @@ class RouteService:
         self.hooks.before_shutdown()
         if self.batcher is not None:
             self.batcher.begin_shutdown()
+        if self.media is not None:  # jobs waiting for room to decode their images go back
+            self.media.budget.close()
 
     def drain(self, timeout: float) -> bool:
         """Wait until every accepted job has left the worker; False if ``timeout`` passed.
@@ -128,6 +130,8 @@ class RouteService:
     def stop(self) -> None:
         """Stop the deadline watch, the media pool and the batcher threads."""
         self._stopping.set()
+        if self.media is not None:
+            self.media.budget.close()
         if self._media_pool is not None:
             self._media_pool.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
@@ -219,6 +223,10 @@ class RouteService:
                                             "read media payloads")
             except ValidationError as exc:
                 self._end_now(job, JobState.FAILURE, "ValidationError", str(exc))
+                return
+            except BudgetClosed:  # the worker stops: unstarted, its message goes back
+                job.returned = True
+                self.return_jobs([job])
                 return
             except Exception as exc:  # a job never leaves without a record
                 log.exception("job %s: media could not be resolved", job.job_id)
@@ -316,6 +324,9 @@ class RouteService:
                 for item in ended:
                     self._in_flight.pop(item.job_id, None)
                 self._idle.notify_all()
+            if self.media is not None:  # its decoded images are no longer held
+                for item in ended:
+                    self.media.budget.free(item.job_id)
 
     # --- deadlines and run-time limits --------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 Sources, highest priority first: keyword arguments, ``PIPEQ_*`` environment variables,
 ``settings/pipeq.toml``; routes come from ``settings/routes.toml``. Unknown keys in either
-file are errors. Secrets are ``SecretStr`` and appear masked in logs, reprs and
+file are errors; an unknown ``PIPEQ_*`` environment variable is warned about (a typo would
+otherwise go unnoticed; not refused, since container setups set variables of their own, see
+``OTHER_VARIABLES``). Secrets are ``SecretStr`` and appear masked in logs, reprs and
 ``pipeq config``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tomllib
@@ -34,6 +37,16 @@ from pipeq.errors import ConfigError
 log = logging.getLogger("pipeq.config")
 
 DEFAULT_SETTINGS_DIR = Path(os.environ.get("PIPEQ_SETTINGS_DIR", "settings"))
+
+#: PIPEQ_* variables that are not settings: read by docker compose files, images and tests.
+OTHER_VARIABLES = frozenset({
+    "PIPEQ_SETTINGS_DIR", "PIPEQ_TEST_REDIS_URL", "PIPEQ_FLOWER_PORT", "PIPEQ_FLOWER_BIND",
+    "PIPEQ_METRICS_PORT", "PIPEQ_METRICS_BIND", "PIPEQ_REDIS_PORT", "PIPEQ_REDIS_BIND",
+    "PIPEQ_REDIS_PASSWORD", "PIPEQ_IMAGE_TAG", "PIPEQ_TORCH_INDEX_URL", "PIPEQ_BAKE_MODEL",
+    "PIPEQ_WORKER_TASK", "PIPEQ_WORKER_MODEL", "PIPEQ_WORKER_REVISION",
+    "PIPEQ_UPDATE_DOCS_SCREENSHOT",
+})
+_warned_variables: set[str] = set()
 
 
 class RouteSpec(BaseModel):
@@ -108,6 +121,9 @@ class Settings(BaseSettings):
     queue_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pipeq"
     #: How long job records (results, errors) stay in Redis.
     result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+    #: Drop a job's result from Redis once ``job.result()`` has read it (the state stays until
+    #: the record expires): Redis then holds results only until their callers read them.
+    drop_read_results: bool = False
     #: Default deadline of a job, and of a caller's wait for it.
     default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     #: Messages a dead worker held are redelivered after this long. Live workers renew the
@@ -132,6 +148,18 @@ class Settings(BaseSettings):
     max_inputs_per_job: Annotated[int, Field(ge=1)] = 10_000
     #: Largest image/audio payload of one input, unless its route sets its own.
     max_payload_bytes: Annotated[int, Field(ge=1)] = 32 * 1024 * 1024
+    #: Pixels of one image input (read from its header before it is decoded).
+    max_image_pixels: Annotated[int, Field(ge=1)] = 50_000_000
+    #: Decoded image pixels plus audio samples a worker holds for all its jobs together (a
+    #: job waits for room; one needing more than all of it is refused). ~3-4 bytes each.
+    max_decoded_pixels: Annotated[int, Field(ge=1)] = 200_000_000
+    #: Seconds of audio in one input (read from the header; bounds resampling too).
+    max_audio_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 600.0
+    #: With allow_urls: the whole fetch of one URL (connect, redirects, body) must end by then.
+    url_fetch_timeout_s: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] = 15.0
+    #: With allow_urls: networks a URL may reach although they are not public (loopback,
+    #: private, link-local...), as CIDRs, e.g. ["10.1.0.0/16"]. Default: public addresses only.
+    url_allow_networks: list[str] = Field(default_factory=list)
     #: Media bytes a job carries inline in its message (base64, and kombu base64-encodes the
     #: body again: x1.78 in Redis); the rest goes out of band, stored raw in Redis under a key
     #: the message carries (claim check). 0: always out of band. Measured: inline and claim
@@ -164,11 +192,37 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        scheme = urlsplit(value.get_secret_value()).scheme
+        url = value.get_secret_value()
+        scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
                 f"PIPEQ_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme!r}://"
             )
+        # A password holding "/", "#", "?" or "@" unquoted cuts the URL in the wrong place
+        # (the Redis client would take part of it for a host or a port). Never quote it here.
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (a non-numeric port raises)
+            broken = "@" in parts.path + parts.query + parts.fragment or (
+                scheme != "unix" and not parts.hostname)
+        except ValueError:
+            broken = True
+        if broken:
+            raise ValueError(
+                "PIPEQ_REDIS_URL does not parse as redis://[user[:password]@]host[:port][/db] "
+                "(port 0-65535): percent-encode a password's /, #, ?, @ and % (as %2F, %23, "
+                "%3F, %40, %25)")
+        return value
+
+    @field_validator("url_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a network; write CIDRs such as "
+                                 "'10.0.0.0/8' or addresses such as '127.0.0.1'") from None
         return value
 
     @cached_property
@@ -242,7 +296,22 @@ def validation_problems(exc: pydantic.ValidationError, *, locations: bool = True
 
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings, turning pydantic's errors into a ConfigError that names the setting."""
+    warn_unknown_variables()
     try:
         return Settings(**overrides)
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid pipeq settings: {validation_problems(exc)}") from None
+
+
+def warn_unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """Log a warning (once per process and name) for each ``PIPEQ_*`` variable that is neither
+    a setting nor one of ``OTHER_VARIABLES``; return them, sorted."""
+    env = os.environ if environ is None else environ
+    known = {f"PIPEQ_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    unknown = sorted(n for n in env if n.upper().startswith("PIPEQ_") and n.upper() not in known)
+    new = [n for n in unknown if n not in _warned_variables]
+    if new:
+        _warned_variables.update(new)
+        log.warning("unknown environment variable(s) %s ignored: not a pipeq setting (see "
+                    "settings/pipeq.env.example for the names)", ", ".join(new))
+    return unknown

@@ -2,30 +2,58 @@
 
 One pydantic model per task, ``extra="forbid"``: an unknown or ill-typed parameter is an
 error that names the parameter and the accepted ones, never silently dropped. Bounds that
-protect workers (``max_new_tokens``, ``num_return_sequences``, ``top_k``) are enforced here
-and again by the worker, which validates every message it receives.
+protect workers are enforced here and again by the worker, which validates every message
+it receives: every number has a range, every string a length, every list a count
+(``stop_sequence`` and ``prefix`` once grew a worker to 24 GB), a zero-shot template takes one
+plain ``{}`` and no format specs (a width such as ``{:x>3000000}`` is a CPU bomb), and the
+parameters of a job as JSON are at most ``MAX_PARAMS_BYTES``, whatever the task.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import reprlib
+import string
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeq.errors import ValidationError
-
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-Label = Annotated[str, Field(min_length=1, max_length=1000)]
 
 #: Hard upper bounds; generous for real use, small enough that one request cannot hog a GPU.
 MAX_NEW_TOKENS = 4096
 MAX_RETURN_SEQUENCES = 16
 MAX_TOP_K = 1000
 MAX_CANDIDATE_LABELS = 256
+#: Characters of a label, a stop sequence, a template; of a generation prefix.
+MAX_LABEL_CHARS = 1000
+MAX_PREFIX_CHARS = 10_000
+#: All parameters of one job as compact JSON (every task, curated schema or not).
+MAX_PARAMS_BYTES = 256 * 1024
+
+
+def _plain_template(value: str) -> str:
+    """A zero-shot hypothesis template: text with exactly one bare ``{}`` (no field name, no
+    conversion, no format spec: ``{:x>3000000}`` made one job cost seconds of worker time)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value)
+                  if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write it like 'This is {{}}.'") from None
+    if fields != [("", "", None)]:
+        raise ValueError("must hold exactly one plain {} where the label goes, and no other "
+                         "braces or format specs (write literal braces as {{ and }})")
+    return value
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+Labels = Annotated[list[Label], Field(min_length=1, max_length=MAX_CANDIDATE_LABELS)]
+ShortText = Annotated[str, Field(max_length=MAX_LABEL_CHARS)]
+Template = Annotated[str, Field(min_length=2, max_length=MAX_LABEL_CHARS),
+                     AfterValidator(_plain_template)]
 
 
 class TaskParams(BaseModel):
@@ -52,10 +80,10 @@ class TextGenerationParams(TaskParams):
     no_repeat_ngram_size: Annotated[int, Field(ge=0, le=64)] | None = None
     return_full_text: bool | None = None
     return_text: bool | None = None
-    prefix: str | None = None
+    prefix: Annotated[str, Field(max_length=MAX_PREFIX_CHARS)] | None = None
     clean_up_tokenization_spaces: bool | None = None
     skip_special_tokens: bool | None = None
-    stop_sequence: str | None = None
+    stop_sequence: Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)] | None = None
     truncation: bool | None = None
 
 
@@ -78,7 +106,7 @@ class TokenClassificationParams(TaskParams):
     """Parameters of ``token-classification`` (alias ``ner``)."""
 
     aggregation_strategy: Literal["none", "simple", "first", "average", "max"] | None = None
-    ignore_labels: list[Label] | None = None
+    ignore_labels: Annotated[list[Label], Field(max_length=MAX_CANDIDATE_LABELS)] | None = None
     stride: Annotated[int, Field(ge=0, le=4096)] | None = None
 
 
@@ -86,14 +114,14 @@ class FillMaskParams(TaskParams):
     """Parameters of ``fill-mask``."""
 
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] | None = None
-    targets: Label | list[Label] | None = None
+    targets: Label | Labels | None = None
 
 
 class ZeroShotClassificationParams(TaskParams):
     """Parameters of ``zero-shot-classification``; ``candidate_labels`` is required."""
 
-    candidate_labels: Label | Annotated[list[Label], Field(min_length=1, max_length=256)]
-    hypothesis_template: str | None = None
+    candidate_labels: Label | Labels
+    hypothesis_template: Template | None = None
     multi_label: bool | None = None
 
 
@@ -124,6 +152,11 @@ def validate_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
     Raises ValidationError naming each bad parameter and, for unknown ones, the accepted names.
     """
     model = params_model(task)
+    size = _json_size(params)
+    if size > MAX_PARAMS_BYTES:
+        raise ValidationError(f"invalid call parameters for {task!r}: {size:,} bytes as JSON, "
+                              f"over the limit of {MAX_PARAMS_BYTES:,}; pass long text as the "
+                              "input instead")
     try:
         parsed = model.model_validate(params)
     except pydantic.ValidationError as exc:
@@ -137,6 +170,15 @@ def validate_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
                 raise ValidationError(f"invalid call parameters for {task!r}: "
                                       f"parameter {name!r} {problem}")
     return parsed.model_dump(exclude_none=True)
+
+
+def _json_size(params: dict[str, Any]) -> int:
+    """Bytes of ``params`` as compact JSON; 0 when they are not JSON (the checks below say why;
+    a string's length is counted, so even a value JSON cannot carry is bounded)."""
+    try:
+        return len(json.dumps(params, separators=(",", ":"), allow_nan=True))
+    except (TypeError, ValueError, RecursionError):
+        return sum(len(v) for v in params.values() if isinstance(v, str))
 
 
 def _json_problem(value: Any, depth: int) -> str | None:

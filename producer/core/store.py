@@ -23,6 +23,9 @@ from pipeq.core.redis_io import as_text, load_lua
 #: Lua scripts: the state changes that must be atomic (a final state is never overwritten).
 START_SCRIPT = load_lua("job_start.lua")
 FINISH_SCRIPT = load_lua("job_finish.lua")
+DROP_SCRIPT = load_lua("job_drop.lua")
+#: The record data of a job whose result was dropped once read (JobStore.drop).
+DROPPED = {"dropped": True}
 
 #: Record data up to this size travels on the producer's reply list with the job id (one
 #: read fewer per job); larger results are read from the record.
@@ -55,6 +58,8 @@ class JobRecord:
     result: Any = None
     error: dict[str, Any] | None = None
     worker: str | None = None
+    #: Its result (or error) was dropped once read (``JobStore.drop``); the state stays.
+    dropped: bool = False
 
 
 class JobStore:
@@ -66,6 +71,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._start = client.register_script(START_SCRIPT)
         self._finish = client.register_script(FINISH_SCRIPT)
+        self._drop = client.register_script(DROP_SCRIPT)
 
     def start(self, job_ids: list[str], worker: str) -> dict[str, tuple[JobState, int]]:
         """Mark jobs STARTED unless already final; each job's state before and how many times it
@@ -102,6 +108,12 @@ class JobStore:
             args += [o.state.value, codec.encode(data), o.job_id]
         stored = self._finish(keys=keys, args=args)
         return [bool(s) for s in stored]
+
+    def drop(self, job_ids: list[str]) -> list[bool]:
+        """Drop the result (or error) of final records, keeping their state until they expire:
+        memory a read result no longer needs. True per job whose data was dropped."""
+        keys = [self.keys.result(j) for j in job_ids]
+        return [bool(s) for s in self._drop(keys=keys, args=[codec.encode(DROPPED)])]
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None when no worker has touched it (PENDING or unknown)."""
@@ -176,4 +188,5 @@ def _record(job_id: str, state: Any, data: Any, worker: Any) -> JobRecord | None
         result=body.get("result"),
         error=body.get("error"),
         worker=as_text(worker) if worker else None,
+        dropped=bool(body.get("dropped")),
     )

@@ -29,11 +29,13 @@ TEXT_TASKS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class InputLimits:
-    """How much one job may carry: characters per string, inputs, media bytes per input."""
+    """How much one job may carry: characters per string, inputs, media bytes per input,
+    pixels per image (checked by the producer from the header when it has Pillow)."""
 
     max_chars: int
     max_items: int
     max_payload_bytes: int | None = None
+    max_image_pixels: int | None = None
 
 
 def where_of(index: int, count: int) -> str:

@@ -24,6 +24,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+#: A TCP port option's type: 0-65535 (0: any free port), refused by click otherwise.
+PORT = click.IntRange(0, 65535)
+
 
 def print_json(value: Any) -> None:
     """Print ``value`` as indented JSON (what ``--json`` and results print)."""
@@ -198,7 +201,7 @@ def config(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--port", type=int, default=5555, show_default=True, help="Port to listen on.")
+@click.option("--port", type=PORT, default=5555, show_default=True, help="Port to listen on.")
 @click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--insecure", is_flag=True,
               help="Run without credentials (when PIPEQ_FLOWER_USER/PASSWORD are unset).")
@@ -213,7 +216,7 @@ def flower(ctx: click.Context, port: int, address: str, insecure: bool) -> None:
 
 
 @cli.command()
-@click.option("--port", type=int, default=9808, show_default=True, help="Port to listen on.")
+@click.option("--port", type=PORT, default=9808, show_default=True, help="Port to listen on.")
 @click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.pass_context
 def metrics(ctx: click.Context, port: int, address: str) -> None:
@@ -267,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return int(exc.exit_code)
+    except OSError as exc:  # a file or a port the command was given cannot be used
+        command = next((a for a in args if not a.startswith("-")), "")
+        where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
+        click.echo(f"pipeq {command}: cannot use{where}: {exc.strerror or exc}", err=True)
+        return int(Exit.USAGE)
     except click.Abort:
         click.echo("aborted", err=True)
         return int(Exit.INTERRUPTED)

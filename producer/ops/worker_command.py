@@ -52,7 +52,7 @@ _OVERRIDES = ("device", "dtype", "trust_remote_code", "max_batch_size", "max_wai
                    "instances: a gather's worth per instance).")
 @click.option("--hostname", help="Unique Celery hostname (default: pipeq.<route>.<device>."
                                  "<pid>@<host>).")
-@click.option("--metrics-port", type=int, metavar="PORT",
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
               help="Serve this process's Prometheus metrics on PORT (default: off; with "
                    "--gpus, GPU N's process uses PORT+N).")
 @click.option("--metrics-address", default="0.0.0.0", show_default=True,

@@ -104,8 +104,59 @@ def producer_cases(served: Served) -> list[ProducerCase]:
     zero = dep.remote("zero-shot-classification", model)
     fill = dep.remote("fill-mask", model)
     feat = dep.remote("feature-extraction", model)
+    tok = dep.remote("token-classification", model)
+    open_task = dep.remote("text-to-speech", model)  # parameters without a curated schema
     bad = ValidationError
+    labels = {"candidate_labels": ["a", "b"]}
     return [
+        # issue #19: unbounded strings and format widths in parameters
+        ("stop_sequence of 10M chars", lambda: gen.submit("hi", max_new_tokens=2,
+                                                          stop_sequence="x" * 10_000_000),
+         bad, "bytes as JSON, over the limit of 262,144"),
+        ("stop_sequence of 2,000 chars", lambda: gen.submit("hi", stop_sequence="x" * 2000),
+         bad, "parameter 'stop_sequence': String should have at most 1000 characters"),
+        ("stop_sequence empty", lambda: gen.submit("hi", stop_sequence=""), bad,
+         "parameter 'stop_sequence'"),
+        ("prefix of 10M chars", lambda: gen.submit("hi", prefix="x" * 10_000_000), bad,
+         "over the limit of 262,144"),
+        ("prefix of 20,000 chars", lambda: gen.submit("hi", prefix="x" * 20_000), bad,
+         "parameter 'prefix': String should have at most 10000 characters"),
+        ("hypothesis_template format width",
+         lambda: zero.submit("hi", hypothesis_template="{:x>3000000}", **labels), bad,
+         "must hold exactly one plain {}"),
+        ("hypothesis_template two fields",
+         lambda: zero.submit("hi", hypothesis_template="{} {}", **labels), bad,
+         "must hold exactly one plain {}"),
+        ("hypothesis_template attribute access",
+         lambda: zero.submit("hi", hypothesis_template="{0.__class__}", **labels), bad,
+         "must hold exactly one plain {}"),
+        ("hypothesis_template without {}",
+         lambda: zero.submit("hi", hypothesis_template="no label here", **labels), bad,
+         "must hold exactly one plain {}"),
+        ("hypothesis_template unbalanced",
+         lambda: zero.submit("hi", hypothesis_template="This is {", **labels), bad,
+         "not a valid template"),
+        ("257 candidate_labels", lambda: zero.submit(
+            "hi", candidate_labels=[f"l{i}" for i in range(257)]), bad,
+         "List should have at most 256 items"),
+        ("candidate label of 1,001 chars", lambda: zero.submit(
+            "hi", candidate_labels=["x" * 1001]), bad, "at most 1000 characters"),
+        ("ignore_labels of 10,000", lambda: tok.submit(
+            "hi", ignore_labels=["O"] * 10_000), bad, "List should have at most 256 items"),
+        ("fill-mask 257 targets", lambda: fill.submit(
+            "a [MASK]", targets=[f"t{i}" for i in range(257)]), bad, "at most 256 items"),
+        ("parameter of an open task, 1 MB", lambda: open_task.submit(
+            "hi", anything="x" * 1_000_000), bad, "over the limit of 262,144"),
+        ("parameter of an open task, deep", lambda: open_task.submit(
+            "hi", anything=nested(100_000)), bad, "nested more than 8 levels deep"),
+        ("timeout as a string", lambda: tc.submit("hi", timeout="5"), bad,
+         "timeout must be a positive, finite number of seconds, got '5'"),
+        ("timeout True", lambda: tc.submit("hi", timeout=True), bad, "timeout must be"),
+        ("idempotency_key an int", lambda: tc.submit("hi", idempotency_key=5), bad,
+         "idempotency_key must be a non-empty string of <= 256 chars, got int 5"),
+        ("result timeout as a string", lambda: tc.job(served.early_ids[0]).result(
+            timeout="5"), bad, "timeout must be a number of seconds"),
+
         ("inputs None", lambda: tc.submit(None), bad, "inputs is None"),
         ("inputs empty list", lambda: tc.submit([]), bad, "inputs is an empty list"),
         ("inputs empty tuple", lambda: tc.submit(()), bad, "inputs is an empty list"),
@@ -270,6 +321,8 @@ def worker_cases(served: Served) -> list[tuple[str, dict[str, Any], str, str]]:
         ("positional argument beside the request",
          {"args": [1], "kwargs": {"request": req()}}, "ValidationError",
          "no positional arguments"),
+        ("parameters of 300 KB", kwargs_of(req(params={"x" * 8: "y" * 300_000})),
+         "ValidationError", "bytes as JSON, over the limit of 262,144"),
         ("input longer than the model", kwargs_of(req(inputs=["word " * 700])),
          "RuntimeError", "input #0: The size of tensor a"),
     ]

@@ -31,6 +31,11 @@ from pipeq.core.store import JOBS_IN_STATE
 T = TypeVar("T")
 
 TASK = "text-classification"
+#: Address space (prlimit --as) of the workers that take hostile input: ~2x what a tiny-model
+#: worker maps at its peak in those tests (2.8 GB with six 36 Mpx images in hand), far below
+#: what one unbounded probe of issue #19 took (8.5-24 GB): a miss fails the test with a
+#: MemoryError instead of taking the machine.
+HOSTILE_CAP_MB = 5120
 
 
 # Module fixtures of the fault modules that serve TASK on a ``dep`` deployment of their own

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,3 +103,47 @@ def test_a_full_redis_loses_nothing_and_the_worker_goes_on(dep: Deployment, mode
     assert_same(remote("after the storm", timeout=60), local("after the storm"))
     assert worker.proc.poll() is None  # the same worker, still serving
     assert "Redis fails" in worker.log() and "answers again" in worker.log()
+
+
+class KeptFull:
+    """Keeps Redis full from a thread (the worker frees a little whenever it acknowledges,
+    and a client's freed buffers make room for small writes), then deletes the junk."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self.junk: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            fill(self.client, self.junk)
+
+    def __enter__(self) -> KeptFull:
+        fill(self.client, self.junk)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.client.delete(*self.junk)
+
+
+def test_a_worker_started_against_a_full_redis_waits_saying_why(dep: Deployment, model: str,
+                                                                 local: Any) -> None:
+    with KeptFull(dep.redis):
+        worker = dep.start_worker(TASK, model, ready=False, env={"PIPEQ_DRAIN_TIMEOUT_S": "5"})
+        wait_until(lambda: "Redis is full" in worker.log(), 120, "the worker saying Redis is full")
+        time.sleep(2)
+        assert worker.proc.poll() is None, worker.log()  # waiting, not "Unrecoverable error"
+    worker.wait_ready()
+    remote = dep.remote(TASK, model)
+    assert_same(remote("room again", timeout=60), local("room again"))
+    # Full again: SIGTERM still ends the worker within its drain bound.
+    with KeptFull(dep.redis):
+        started = time.monotonic()
+        worker.stop(timeout=60)
+        took = time.monotonic() - started
+    assert took < 5 + 20, worker.log()[-2000:]
+    assert "Unrecoverable error" not in worker.log()

@@ -7,6 +7,9 @@
   reach the worker, and raw queue items. Each gets a clear error at the producer or a clean
   FAILURE (or a dead letter) at the worker; the worker neither crashes nor stalls.
 - Idempotency keys: submitting twice runs once.
+
+The worker runs under ``prlimit --as`` (``HOSTILE_CAP_MB``): a bad input that escaped its
+bounds would fail the test with a MemoryError instead of exhausting the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from compare import assert_same
 from conftest import Deployment
 from corpus import Served, producer_cases, raw_items, worker_cases
 from fault_support import (
+    HOSTILE_CAP_MB,
     TASK,
     dead_letters,
     kombu_envelope,
@@ -54,7 +58,7 @@ def served(redis_url: str, models_dir: Path, tmp_path_factory: pytest.TempPathFa
     first = remote.submit("submitted twice", require_worker=False, idempotency_key="order-1")
     again = remote.submit("submitted twice", require_worker=False, idempotency_key="order-1")
     length = queue_length(dep, remote.route)
-    worker = dep.start_worker(TASK, model)
+    worker = dep.start_worker(TASK, model, address_space_mb=HOSTILE_CAP_MB)
     yield Served(dep, model, remote, worker, transformers.pipeline(TASK, model=model),
                  (first.id, again.id), length)
     dep.close()
@@ -189,6 +193,7 @@ def test_bad_input_corpus(served: Served) -> None:
     assert served.worker.proc.poll() is None
     served.good_job("a good job after the whole corpus")
     assert "Unrecoverable error" not in served.worker.log()
+    assert "MemoryError" not in served.worker.log()
     # No message is left recorded as held: a dead letter's record would be restored (and
     # dead-lettered again) after every visibility timeout.
     wait_until(lambda: unacked_count(served.dep) == 0, 10, "the unacked records to clear")
@@ -238,3 +243,30 @@ def test_celery_builtin_tasks_are_dead_lettered_not_run(served: Served) -> None:
                "the forged message to leave the queue")
     assert unacked_count(served.dep) == 0
     served.good_job("a good job after a forged built-in task")
+
+
+def test_a_forged_reply_to_never_touches_other_jobs(served: Served) -> None:
+    """Issue #19: a forged message whose reply_to named a key of another type made the
+    finishing script fail with WRONGTYPE, and the records of its whole batch were skipped."""
+    keys = served.dep.settings.keys
+    hash_like_reply = keys.reply("0" * 32)  # the form of a reply list, but a hash
+    served.dep.redis.hset(hash_like_reply, "mine", "yes")
+    other_record = keys.result(new_job_id())
+    served.dep.redis.hset(other_record, "state", "SUCCESS")
+    celery = make_celery(served.dep.settings)
+    forged = []
+    for target in (hash_like_reply, other_record, "elsewhere:list", keys.unacked()):
+        body = served.request(reply_to=target)
+        served.known(body["job_id"])
+        celery.send_task(served.task_name, task_id=body["job_id"], queue=served.queue,
+                         kwargs={"request": body})
+        forged.append(Job(served.remote.client, body["job_id"]))
+    legit = [served.remote.submit(f"legit {i}") for i in range(24)]
+    for i, job in enumerate(legit):
+        assert_same(job.result(timeout=60), served.local(f"legit {i}"))
+    for job in forged:  # each ran as a job of its own; its bad field touched nothing
+        job.result(timeout=60)
+    assert served.dep.redis.type(hash_like_reply) == b"hash"
+    assert served.dep.redis.hgetall(other_record) == {b"state": b"SUCCESS"}
+    assert served.dep.redis.type("elsewhere:list") == b"none"
+    assert served.worker.proc.poll() is None

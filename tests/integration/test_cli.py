@@ -246,3 +246,41 @@ def test_worker_with_gpus_on_a_machine_without_them_exits_2(
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"--gpus {missing}: GPU {missing} not found on this machine" in done.stderr
     assert "use --device cpu" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "shown"), [
+    (["metrics", "--port", "99999"], "Invalid value for '--port': 99999 is not in the range"),
+    (["flower", "--port", "-1"], "Invalid value for '--port'"),
+    (["bulk", "--task", TASK, "--model", DOWN_MODEL, "--input", "{input}",
+      "--output", "/proc/x/o.jsonl"], "pipeq bulk: cannot use '/proc/x/o.jsonl'"),
+    (["submit", "--task", TASK, "--model", DOWN_MODEL, "--param", "=5", "hi"],
+     "--param: takes KEY=VALUE (e.g. max_new_tokens=20), got '=5'"),
+    (["cancel", "0123456789abcdef0123456789abcdef"], "no job 0123456789abcdef"),
+])
+def test_bad_command_lines_get_a_clean_error(module_deployment: Deployment, tmp_path: Path,
+                                             args: list[str], shown: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a"}\n')
+    done = module_deployment.cli(*[a.format(input=source) for a in args])
+    assert done.returncode in (1, 2), done.stdout + done.stderr
+    assert shown in done.stderr, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_result_can_be_dropped_once_read(module_deployment: Deployment, model: str,
+                                          local: Any) -> None:
+    from pipeq.errors import JobNotFound
+
+    dep = module_deployment
+    remote = dep.remote(TASK, model)
+    job = remote.submit("read me once")
+    assert_same(job.result(timeout=60, drop=True), local("read me once"))
+    assert job.status() == "SUCCESS"  # the state stays (until the record expires) ...
+    data = dep.redis.hget(dep.settings.keys.result(job.id), "data")
+    assert data is not None and len(data) < 20  # ... the result does not
+    with pytest.raises(JobNotFound, match="was dropped from Redis once it was read"):
+        job.result(timeout=5)
+    kept = remote.submit("keep me")
+    assert_same(kept.result(timeout=60), kept.result(timeout=5))  # default: kept
+    done = dep.cli("result", job.id)
+    assert done.returncode == 1 and "was dropped" in done.stderr

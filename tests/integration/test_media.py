@@ -66,8 +66,10 @@ def same(remote: Any, local: Any) -> None:
 def served(module_deployment: Deployment, models_dir: Path) -> dict[str, str]:
     """A ready worker per media task; returns task -> model directory."""
     paths = {task: str(build_media_model(task, models_dir)) for task in MEDIA_TASKS}
+    # The URL test's server is on loopback, which a worker fetches only when allowed.
+    allow = {"PIPEQ_URL_ALLOW_NETWORKS": '["127.0.0.1/32"]'}
     workers = [module_deployment.start_worker(task, path, *WORKER_ARGS.get(task, []),
-                                              ready=False)
+                                              ready=False, env=allow)
                for task, path in paths.items()]
     for worker in workers:
         worker.wait_ready()

@@ -50,9 +50,15 @@ class Heartbeat:
         self._thread.start()
 
     def mark_ready(self) -> None:
-        """Announce that the pipeline is loaded, warmed up and consuming."""
+        """Announce that the pipeline is loaded, warmed up and consuming. A Redis that
+        refuses the announcement (full, restarting) is retried by the heartbeat: an error
+        here left a worker started against a full Redis unannounced for good."""
         self.ready = True
-        self.beat()
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            log.warning("cannot announce this worker yet (%s); the heartbeat retries every "
+                        "%gs", exc, self.registry.heartbeat_s)
 
     def stop(self) -> None:
         """Stop beating and withdraw from the route at once, so producers stop routing to it."""
