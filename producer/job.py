@@ -85,18 +85,36 @@ class Job:
                 "job.result(timeout=...) or cancel it") from None
 
     async def aresult(self, timeout: float | None = None) -> Any:
-        """The result, awaited without blocking the event loop."""
+        """The result, awaited without blocking the event loop (JobNotFound for an unknown
+        id, JobTimeout when it has not ended within ``timeout``)."""
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
         future = self.client.waiter.watch(self.id)
         if not self.watched_from_start:
-            record = await asyncio.to_thread(self.client.call_redis,
-                                             lambda: self.client.store.get(self.id))
+            try:
+                record = await self.client.offload(
+                    lambda: self.client.call_redis(lambda: self.client.store.get(self.id)))
+            except BaseException:
+                self.client.waiter.forget(self.id)
+                raise
             self._take(record)
         try:
             return outcome(await asyncio.wait_for(asyncio.wrap_future(future), wait))
         except TimeoutError:
             self.client.waiter.forget(self.id)
-            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s") from None
+            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s; wait again "
+                             "with job.aresult(timeout=...) or cancel it") from None
+
+    async def astatus(self) -> str:
+        """``status()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.status)
+
+    async def acancel(self) -> bool:
+        """``cancel()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.cancel)
+
+    async def adone(self) -> bool:
+        """``done()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.done)
 
     def _take(self, record: JobRecord | None) -> None:
         """Act on the record read before waiting: unknown id, or already final."""
