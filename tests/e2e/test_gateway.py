@@ -273,3 +273,38 @@ def test_a_webhook_pending_through_sigkill_of_gateway_and_worker_is_delivered(
 
     event = Webhook(WEBHOOK_SECRET).verify(delivery.body, delivery.headers)
     assert event["data"]["id"] == job["id"] and event["data"]["status"] == "SUCCESS"
+
+
+def test_redis_away_is_503_with_retry_after(stack: Stack) -> None:
+    from pipeq.ops.embedded import free_port
+
+    away = GatewayProcess(stack.dep, env={
+        **stack.env, "PIPEQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "PIPEQ_CONNECT_TIMEOUT_S": "1"}).wait_ready()
+    try:
+        reply = curl(away.url + "/v1/jobs", "POST", stack.job())
+        assert_problem(reply, 503, "BrokerUnavailable")
+        assert int(reply.headers["retry-after"]) >= 1
+        ready = curl(away.url + "/readyz", secret=None)
+        assert ready.status == 503 and ready.json()["status"] == "unavailable"
+        assert curl(away.url + "/healthz", secret=None).status == 200
+    finally:
+        away.stop()
+
+
+def test_a_webhook_never_accepted_is_dead_lettered_and_shown(stack: Stack) -> None:
+    stack.receiver.fail_first["/dead"] = 10**6
+    impatient = GatewayProcess(stack.dep, env={**stack.env, "PIPEQ_WEBHOOK_RETRY_FOR_S": "1"}
+                               ).wait_ready()
+    try:
+        curl(impatient.url + "/v1/jobs", "POST", stack.job("x", webhook=stack.hooks + "/dead"))
+        deadline = time.monotonic() + 60
+        while "pipeq_webhooks_dead 1" not in curl(impatient.url + "/metrics", secret=None).text:
+            assert time.monotonic() < deadline, "the webhook was never dead-lettered"
+            time.sleep(0.3)
+    finally:
+        impatient.stop()
+    status = stack.dep.cli("status")
+    assert "0 pending, 1 dead-lettered" in status.stdout, status.stdout + status.stderr
+    (entry,) = stack.dep.redis.lrange(stack.dep.settings.keys.webhook_dead(), 0, -1)
+    assert json.loads(entry)["error"] == "HTTP 500"
