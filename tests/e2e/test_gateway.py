@@ -10,6 +10,7 @@ SIGKILLed is still delivered after both restart.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -308,3 +309,26 @@ def test_a_webhook_never_accepted_is_dead_lettered_and_shown(stack: Stack) -> No
     assert "0 pending, 1 dead-lettered" in status.stdout, status.stdout + status.stderr
     (entry,) = stack.dep.redis.lrange(stack.dep.settings.keys.webhook_dead(), 0, -1)
     assert json.loads(entry)["error"] == "HTTP 500"
+
+
+def test_node_webhook_receiver_verifies_the_signature(stack: Stack) -> None:
+    if not node_available():
+        pytest.skip("node (18+, with fetch) is not installed")
+    from pipeq.ops.embedded import free_port
+
+    port = free_port()
+    receiver = subprocess.Popen(
+        ["node", str(ROOT / "examples" / "webhook_receiver.mjs"), str(port)],
+        env={**os.environ, "PIPEQ_WEBHOOK_SECRET": WEBHOOK_SECRET},
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # node starts listening
+        job = curl(stack.gateway.url + "/v1/jobs", "POST",
+                   stack.job("node hook", webhook=f"http://127.0.0.1:{port}/hook")).json()
+        assert receiver.stdout is not None
+        line = receiver.stdout.readline()
+        assert json.loads(line) == {"type": "job.success", "id": job["id"],
+                                    "result": stack.dep.remote(TASK, stack.model)("node hook")}
+    finally:
+        receiver.kill()
+        receiver.wait(10)
