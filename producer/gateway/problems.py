@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from pipeq.errors import (
     BrokerUnavailable,
@@ -35,8 +36,10 @@ class Problem(Exception):
     """Raised inside the gateway to answer with a problem document."""
 
     def __init__(self, status: int, title: str, detail: str, error: str,
-                 retry_after: float | None = None, **extra: Any):
+                 retry_after: float | None = None, headers: dict[str, str] | None = None,
+                 **extra: Any):
         super().__init__(detail)
+        self.headers = dict(headers or {})
         self.status = status
         self.title = title
         self.detail = detail
@@ -51,7 +54,7 @@ class Problem(Exception):
             "detail": self.detail, "pipeq_error": self.error, **self.extra}
         if instance:
             body["instance"] = instance
-        headers = {}
+        headers = dict(self.headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
         if self.status == 401:
@@ -112,9 +115,26 @@ async def on_validation(request: Request, exc: Exception) -> JSONResponse:
 async def on_http(request: Request, exc: Exception) -> JSONResponse:
     """Exception handler: Starlette's own HTTP errors (404 path, 405 method, ...)."""
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400:  # a body that is not even text (not UTF-8): bad input
+        return Problem(422, "Invalid request", f"the request body cannot be read: "
+                       f"{exc.detail}; send UTF-8 JSON", "ValidationError"
+                       ).response(request.url.path)
     error = "NotFound" if exc.status_code == 404 else "HTTPError"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every method of the path, not only its first route's
+        headers["Allow"] = ", ".join(allowed_methods(request))
     return Problem(exc.status_code, str(exc.detail), f"{request.method} {request.url.path}: "
-                   f"{exc.detail}", error).response(request.url.path)
+                   f"{exc.detail}", error, headers=headers).response(request.url.path)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the app serves on the request's path (GET and DELETE are two routes)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

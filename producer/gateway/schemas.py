@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeq.core.contract import JobState
 from pipeq.core.store import JobRecord
+from pipeq.core.tasks import SUPPORTED_TASKS
 
 
 class JobIn(BaseModel):
@@ -15,7 +16,10 @@ class JobIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Annotated[str, Field(min_length=1, max_length=128, examples=["text-classification"])]
+    #: The schema lists the served tasks; validation stays pipeq's own (its message says
+    #: what to use instead of a task transformers 5 removed).
+    task: Annotated[str, Field(min_length=1, max_length=128, examples=["text-classification"],
+                               json_schema_extra={"enum": sorted(SUPPORTED_TASKS)})]
     model: Annotated[str, Field(min_length=1, max_length=512)]
     revision: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     #: One input (a single call) or a list of inputs (a list call), as pipeline() takes them;

@@ -26,6 +26,7 @@ SECRET_A = "a" * 24 + "-secret-of-key-a"
 SECRET_B = "b" * 24 + "-secret-of-key-b"
 SECRET_SLOW = "s" * 24 + "-secret-of-slow"
 SECRET_NARROW = "n" * 24 + "-secret-of-narrow"
+SECRET_FUZZ = "f" * 24 + "-secret-of-fuzzer"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
 
@@ -65,7 +66,8 @@ def curl(url: str, method: str = "GET", body: Any = None, secret: str | None = S
 
 
 def keys_file(path: Path, model: str) -> Path:
-    """An API keys file: A and B (every route), a slow key (3/min), a narrow key (one route)."""
+    """An API keys file: A and B (every route), a slow key (3/min), a narrow key (another
+    route), a fuzzer's key (the served route only, no real limit)."""
     path.write_text(f'''
 [[key]]
 name = "key-a"
@@ -84,6 +86,12 @@ rate_limit_per_minute = 3
 name = "narrow"
 secret = "{SECRET_NARROW}"
 routes = ["text-classification:{model}-elsewhere"]
+
+[[key]]
+name = "fuzz"
+secret = "{SECRET_FUZZ}"
+routes = ["text-classification:{model}"]
+rate_limit_per_minute = 1000000
 ''')
     return path
 

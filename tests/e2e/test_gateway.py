@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -332,3 +333,28 @@ def test_node_webhook_receiver_verifies_the_signature(stack: Stack) -> None:
     finally:
         receiver.kill()
         receiver.wait(10)
+
+
+def test_schemathesis_finds_no_5xx_and_no_response_off_the_schema(stack: Stack) -> None:
+    """Fuzz the live OpenAPI document (a gateway of its own: no webhooks, no private URLs).
+
+    ``positive_data_acceptance`` is left out: the schema cannot say which models are served
+    or which inputs a task takes, so a schema-valid body may rightly get 422 or 403.
+    """
+    pytest.importorskip("schemathesis")
+    from gateway_support import SECRET_FUZZ
+
+    env = {k: v for k, v in stack.env.items() if not k.startswith("PIPEQ_WEBHOOK")}
+    fuzzed = GatewayProcess(stack.dep, env=env).wait_ready()
+    try:
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run",
+             fuzzed.url + "/openapi.json", "-H", f"Authorization: Bearer {SECRET_FUZZ}",
+             "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+             "--max-time", "60", "--workers", "1", "--request-timeout", "30",
+             "--seed", "20261202"],
+            capture_output=True, text=True, timeout=240, cwd=stack.dep.workdir)
+    finally:
+        fuzzed.stop()
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert " 500" not in fuzzed.log() and "Traceback" not in fuzzed.log(), fuzzed.log()[-4000:]
