@@ -91,11 +91,15 @@ class GatewayService:
         idem = (self.keys.gateway_idempotency(key.name) + body.idempotency_key
                 if body.idempotency_key else None)
         watch = wait_s > 0
-        job: Job = await self.client.offload(lambda: remote.submit(
-            body.inputs, timeout=body.timeout, idempotency_key=idem, _watch=watch,
-            **body.parameters))
         route = RouteOut(task=remote.task, model=remote.model, revision=remote.route.revision)
-        await self.redis(lambda: self._record(job.id, key, route, webhook))
+
+        def submit() -> Job:  # one trip to the client's threads: enqueue, then record
+            job = remote.submit(body.inputs, timeout=body.timeout, idempotency_key=idem,
+                                _watch=watch, **body.parameters)
+            self.client.call_redis(lambda: self._record(job.id, key, route, webhook))
+            return job
+
+        job = await self.client.offload(submit)
         if watch:
             record = await self._wait(job, wait_s)
             if record is not None:
