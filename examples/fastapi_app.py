@@ -29,8 +29,8 @@ classifier = pipeline("text-classification", model=MODEL)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with classifier.client:  # closes pipeq's connections and threads on shutdown
-        yield
+    yield
+    Client.discard(classifier.client.settings)  # close pipeq's connections and threads
 
 
 app = FastAPI(lifespan=lifespan)

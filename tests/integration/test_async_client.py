@@ -8,13 +8,15 @@ closes, also as ``async with``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deployment
+from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
 from pipeq import Job, RemotePipeline, get_job
@@ -107,3 +109,31 @@ def test_a_client_closes_also_as_async_with(module_deployment: Deployment,
     assert client._executor is None and client.waiter._stopping.is_set()
     with Client(module_deployment.settings) as again:
         assert RemotePipeline(remote.route, again)("and again") == remote("and again")
+
+
+def test_the_fastapi_example_app(module_deployment: Deployment, remote: RemotePipeline,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/fastapi_app.py against the real worker (last here: it closes the shared
+    Client of the deployment on shutdown, as an app should)."""
+    from fastapi.testclient import TestClient
+
+    for name, value in module_deployment.env().items():
+        if name.startswith("PIPEQ_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIPEQ_EXAMPLE_MODEL", remote.model)
+    spec = importlib.util.spec_from_file_location("fastapi_app",
+                                                  ROOT / "examples" / "fastapi_app.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    expected = remote("great")
+    with TestClient(example.app) as http:
+        assert http.post("/classify", json={"text": "great"}).json() == expected
+        job_id = http.post("/jobs", json={"text": "great"}).json()["id"]
+        deadline = time.monotonic() + 30
+        while (read := http.get(f"/jobs/{job_id}").json())["status"] != "SUCCESS":
+            assert time.monotonic() < deadline, read
+            time.sleep(0.1)
+        assert read["result"] == expected
+        assert http.get("/jobs/no-such-job").status_code == 404
+        assert http.post("/classify", json={"text": ""}).status_code in (200, 422)
