@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 import tomllib
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pipeq.core.contract import Route
 from pipeq.core.keys import Keys
 from pipeq.errors import ConfigError
 
+#: What an API key's name may be made of (it appears in Redis keys and metrics labels).
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The owner of every job when the gateway runs with ``--no-auth``.
 ANONYMOUS = "anonymous"
 
@@ -38,7 +41,7 @@ class KeyEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # as NAME
     secret: str | None = Field(default=None, min_length=16)
     secret_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     #: ``task:model`` of each route the key may use (none listed: every route).
@@ -100,9 +103,10 @@ def load_keyring(settings: Settings) -> KeyRing:
         for item in filter(None, (p.strip() for p in
                                   settings.gateway_api_keys.get_secret_value().split(","))):
             name, sep, secret = item.partition(":")
-            if not sep or not name or len(secret) < 16:
+            if not sep or not NAME.fullmatch(name) or len(secret) < 16:
                 raise ConfigError(
-                    "PIPEQ_GATEWAY_API_KEYS takes name:secret,... with secrets of 16 characters "
+                    "PIPEQ_GATEWAY_API_KEYS takes name:secret,... with names of letters, digits, "
+                    "_ . - and secrets of 16 characters "
                     f"or more (e.g. from `openssl rand -hex 24`); entry {name or '?'!r} is not")
             keys.append(ApiKey(name, digest(secret), rate_limit_per_minute=limit))
     if settings.gateway_api_keys_file is not None:

@@ -38,6 +38,8 @@ RUNNING_POLL_S = 0.5
 #: Outbox entries claimed per round trip; the longest retry delay (seconds).
 CLAIM_BATCH = 100
 MAX_BACKOFF_S = 3600.0
+#: POSTs one gateway process has in flight at most (a backlog drains at this width).
+MAX_IN_FLIGHT = 64
 
 
 class Deliverer:
@@ -51,6 +53,7 @@ class Deliverer:
         self._claim = self.redis.register_script(CLAIM_SCRIPT)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     def stop(self) -> None:
         """End the loop (claims in hand fall due again when their lease ends)."""
@@ -86,7 +89,9 @@ class Deliverer:
             if record is not None and not record.state.is_final:
                 later[job_id] = time.time() + RUNNING_POLL_S
             else:
+                await self._slots.acquire()  # claimed entries wait here, under their lease
                 task = asyncio.create_task(self._deliver(http, key, job_id, record, hook))
+                task.add_done_callback(lambda _: self._slots.release())
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
         if later:

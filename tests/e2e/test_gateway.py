@@ -358,3 +358,14 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_schema(stack: Stack) 
         fuzzed.stop()
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " 500" not in fuzzed.log() and "Traceback" not in fuzzed.log(), fuzzed.log()[-4000:]
+
+
+def test_no_auth_on_loopback_serves_without_keys(stack: Stack) -> None:
+    env = {k: v for k, v in stack.env.items() if not k.startswith("PIPEQ_GATEWAY")}
+    open_gateway = GatewayProcess(stack.dep, "--no-auth", env=env).wait_ready()
+    try:
+        reply = curl(open_gateway.url + "/v1/jobs?wait=30", "POST", stack.job("ok"), secret=None)
+        assert reply.status == 200 and reply.json()["status"] == "SUCCESS", reply.text
+        assert curl(open_gateway.url + reply.headers["location"], secret=None).status == 200
+    finally:
+        open_gateway.stop()

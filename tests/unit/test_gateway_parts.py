@@ -75,6 +75,7 @@ def test_api_keys_from_the_variable_and_a_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("value", "text"), [
     ("a:short", "16 characters"), ("nocolon", "name:secret"),
+    ('a"b:' + "x" * 16, "names of letters"),
     ("a:" + "x" * 16 + ",a:" + "y" * 16, "unique")])
 def test_bad_api_keys_are_config_errors(value: str, text: str) -> None:
     with pytest.raises(ConfigError, match=text):
