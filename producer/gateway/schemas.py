@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeq.core.contract import JobState
 from pipeq.core.store import JobRecord
 from pipeq.core.tasks import SUPPORTED_TASKS
+from pipeq.gateway.wire import jsonable
 
 
 class JobIn(BaseModel):
@@ -96,7 +97,7 @@ def view(job_id: str, route: RouteOut, record: JobRecord | None,
                          message=str(record.error.get("message", "")),
                          retryable=bool(record.error.get("retryable", False)))
     return JobOut(id=job_id, status=record.state, route=route, webhook=webhook,
-                  result=record.result if record.state == JobState.SUCCESS else None,
+                  result=jsonable(record.result) if record.state == JobState.SUCCESS else None,
                   error=error)
 
 

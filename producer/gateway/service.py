@@ -23,6 +23,7 @@ from pipeq.gateway.auth import ApiKey, KeyRing, RateLimiter
 from pipeq.gateway.problems import Problem, not_found
 from pipeq.gateway.schemas import JobIn, JobOut, RouteOut, view
 from pipeq.gateway.webhooks import Outbox, check_url
+from pipeq.gateway.wire import check_media_inputs
 from pipeq.job import Job
 from pipeq.remote import RemotePipeline, pipeline
 
@@ -77,6 +78,7 @@ class GatewayService:
         if not key.allows(remote.route):
             raise Problem(403, "Route not allowed", f"API key {key.name!r} may not use route "
                           f"{remote.route.describe()}", "RouteNotAllowed")
+        check_media_inputs(remote.task, body.inputs)
         clash = sorted(RESERVED_PARAMETERS & set(body.parameters))
         if clash:
             raise ValidationError(f"parameters {clash} are not call parameters: give the "

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import json
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
@@ -15,6 +19,7 @@ from pipeq.errors import ConfigError, ValidationError
 from pipeq.gateway.app import PREFER_WAIT
 from pipeq.gateway.auth import load_keyring
 from pipeq.gateway.webhooks import check_url, secret_key, signed_headers
+from pipeq.gateway.wire import check_media_inputs, jsonable
 from pipeq.ops.cli import main
 from pipeq.ops.exits import Exit
 
@@ -111,3 +116,48 @@ def test_the_gateway_refuses_to_start_without_keys(monkeypatch: pytest.MonkeyPat
     assert "refuses to start without API keys" in capsys.readouterr().err
     assert main(["gateway", "--no-auth", "--host", "0.0.0.0"]) == Exit.USAGE
     assert "binds loopback only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("task", "inputs", "where"), [
+    ("image-classification", "/etc/passwd", "inputs"),
+    ("image-classification", ["https://example.com/a.png", "secret.png"], "inputs[1]"),
+    ("image-classification", {"$media": "image", "format": "png", "claim": "pipeq:job:x"},
+     "inputs"),
+    ("document-question-answering", {"image": "/etc/hosts", "question": "what?"},
+     "inputs.image"),
+    ("automatic-speech-recognition", "/tmp/a.wav", "inputs"),
+    ("automatic-speech-recognition", {"path": "/tmp/a.wav", "sampling_rate": 16000}, "inputs"),
+])
+def test_http_media_inputs_cannot_reach_into_the_deployment(task: str, inputs: Any,
+                                                             where: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(where + ":")):
+        check_media_inputs(task, inputs)
+
+
+@pytest.mark.parametrize(("task", "inputs"), [
+    ("image-classification", ["https://example.com/a.png", "data:image/png;base64,iVBORw0K"]),
+    ("image-classification", {"$media": "image", "format": "png", "data": "iVBORw0K"}),
+    ("automatic-speech-recognition", {"$media": "audio", "format": "wav", "data": "UklGRg=="}),
+    ("automatic-speech-recognition", {"array": [0.0, 0.1], "sampling_rate": 16000}),
+    ("text-classification", "/etc/passwd"),  # a text task's string is text
+])
+def test_http_media_inputs_that_carry_their_bytes_pass(task: str, inputs: Any) -> None:
+    check_media_inputs(task, inputs)
+
+
+def test_results_become_json_as_the_python_client_sees_them() -> None:
+    import numpy as np
+    from PIL import Image
+
+    image = Image.new("L", (3, 2), color=7)
+    out = jsonable({"embedding": np.arange(4, dtype=np.float32).reshape(2, 2),
+                    "score": np.float64(0.5), "nan": float("nan"), "mask": image,
+                    "raw": b"\x89PNG...", "labels": ("a", "b")})
+    assert out["embedding"] == [[0.0, 1.0], [2.0, 3.0]] and out["score"] == 0.5
+    assert out["nan"] is None and out["labels"] == ["a", "b"]
+    assert out["raw"]["$media"] == "image" and out["raw"]["format"] == "png"
+    mask = out["mask"]
+    assert mask["$media"] == "image" and mask["format"] == "png"
+    decoded = Image.open(io.BytesIO(base64.b64decode(mask["data"])))
+    assert decoded.size == (3, 2) and decoded.getpixel((1, 1)) == 7
+    json.dumps(out, allow_nan=False)
