@@ -27,6 +27,7 @@ SECRET_B = "b" * 24 + "-secret-of-key-b"
 SECRET_SLOW = "s" * 24 + "-secret-of-slow"
 SECRET_NARROW = "n" * 24 + "-secret-of-narrow"
 SECRET_FUZZ = "f" * 24 + "-secret-of-fuzzer"
+SECRET_HOOKED = "h" * 24 + "-secret-of-hooked"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
 
@@ -65,9 +66,9 @@ def curl(url: str, method: str = "GET", body: Any = None, secret: str | None = S
     return Reply(int(lines[0].split()[1]), parsed, text)
 
 
-def keys_file(path: Path, model: str) -> Path:
+def keys_file(path: Path, model: str, hooks: str = "http://127.0.0.1:9/none") -> Path:
     """An API keys file: A and B (every route), a slow key (3/min), a narrow key (another
-    route), a fuzzer's key (the served route only, no real limit)."""
+    route), a fuzzer's key (the served route only, no real limit), one with a default webhook."""
     path.write_text(f'''
 [[key]]
 name = "key-a"
@@ -92,6 +93,11 @@ name = "fuzz"
 secret = "{SECRET_FUZZ}"
 routes = ["text-classification:{model}"]
 rate_limit_per_minute = 1000000
+
+[[key]]
+name = "hooked"
+secret = "{SECRET_HOOKED}"
+webhook_url = "{hooks}/default"
 ''')
     return path
 

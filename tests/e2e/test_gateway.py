@@ -64,7 +64,7 @@ def stack(module_deployment: Deployment, models_dir: Path) -> Iterator[Stack]:
     worker = dep.start_worker(TASK, model)
     receiver = Receiver()
     hooks = receiver.start()
-    env = {"PIPEQ_GATEWAY_API_KEYS_FILE": str(keys_file(dep.workdir / "keys.toml", model)),
+    env = {"PIPEQ_GATEWAY_API_KEYS_FILE": str(keys_file(dep.workdir / "keys.toml", model, hooks)),
            "PIPEQ_WEBHOOK_SECRET": WEBHOOK_SECRET, "PIPEQ_WEBHOOK_ALLOW_PRIVATE": "true",
            "PIPEQ_WEBHOOK_BACKOFF_S": "0.3"}
     gateway = GatewayProcess(dep, env=env).wait_ready()
@@ -247,6 +247,18 @@ def test_a_webhook_failing_three_times_is_delivered_once_signed(stack: Stack) ->
     assert event["data"]["result"] == stack.dep.remote(TASK, stack.model)("hook me")
     metrics = curl(stack.gateway.url + "/metrics", secret=None).text
     assert "pipeq_webhooks_failed_attempts_total 3" in metrics
+
+
+def test_a_key_s_default_webhook(stack: Stack) -> None:
+    from gateway_support import SECRET_HOOKED
+    from standardwebhooks import Webhook
+
+    job = curl(stack.gateway.url + "/v1/jobs", "POST", stack.job("default"),
+               secret=SECRET_HOOKED).json()
+    assert job["webhook"] == stack.hooks + "/default"
+    (delivery,) = stack.receiver.wait_for("/default", 1)
+    assert Webhook(WEBHOOK_SECRET).verify(delivery.body, delivery.headers)["data"]["id"] == \
+        job["id"]
 
 
 def test_a_webhook_pending_through_sigkill_of_gateway_and_worker_is_delivered(
