@@ -98,7 +98,11 @@ class GatewayService:
         def submit() -> Job:  # one trip to the client's threads: enqueue, then record
             job = remote.submit(body.inputs, timeout=body.timeout, idempotency_key=idem,
                                 _watch=watch, **body.parameters)
-            self.client.call_redis(lambda: self._record(job.id, key, route, webhook))
+            # A repeated idempotency key gives the first job back: its record (and webhook)
+            # stands; writing them again would send its webhook twice.
+            if idem is None or not self.client.call_redis(
+                    lambda: self.client.redis.exists(self.keys.gateway_job(job.id))):
+                self.client.call_redis(lambda: self._record(job.id, key, route, webhook))
             return job
 
         job = await self.client.offload(submit)
@@ -111,8 +115,7 @@ class GatewayService:
     def _record(self, job_id: str, key: ApiKey, route: RouteOut, webhook: str | None) -> None:
         name = self.keys.gateway_job(job_id)
         pipe = self.client.redis.pipeline(transaction=True)
-        pipe.hsetnx(name, "owner", key.name)
-        pipe.hset(name, mapping={"task": route.task, "model": route.model,
+        pipe.hset(name, mapping={"owner": key.name, "task": route.task, "model": route.model,
                                  "revision": route.revision or "", "webhook": webhook or ""})
         pipe.expire(name, self.settings.result_ttl_s)
         if webhook is not None:

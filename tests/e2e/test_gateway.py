@@ -253,10 +253,15 @@ def test_a_key_s_default_webhook(stack: Stack) -> None:
     from gateway_support import SECRET_HOOKED
     from standardwebhooks import Webhook
 
-    job = curl(stack.gateway.url + "/v1/jobs", "POST", stack.job("default"),
-               secret=SECRET_HOOKED).json()
+    job = curl(stack.gateway.url + "/v1/jobs", "POST",
+               stack.job("default", idempotency_key="once"), secret=SECRET_HOOKED).json()
     assert job["webhook"] == stack.hooks + "/default"
-    (delivery,) = stack.receiver.wait_for("/default", 1)
+    stack.receiver.wait_for("/default", 1)
+    again = curl(stack.gateway.url + "/v1/jobs?wait=10", "POST",
+                 stack.job("default", idempotency_key="once"), secret=SECRET_HOOKED).json()
+    assert again["id"] == job["id"] and again["status"] == "SUCCESS"
+    time.sleep(1.5)  # a second webhook for the repeated key would come by now
+    (delivery,) = stack.receiver.deliveries["/default"]
     assert Webhook(WEBHOOK_SECRET).verify(delivery.body, delivery.headers)["data"]["id"] == \
         job["id"]
 
