@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pipeq import __version__
 from pipeq.core.config import Settings
@@ -81,15 +82,18 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
-async def caller(request: Request,
-                 authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+#: ``Authorization: Bearer <secret>`` (in the OpenAPI document as the security scheme).
+BEARER = HTTPBearer(auto_error=False, description="An API key of the gateway")
+
+
+async def caller(request: Request, credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> ApiKey:
     """The API key of the request (401 without a known one), counted against its limit."""
     gw = gateway_of(request)
     if gw.keyring is None:
         key = ApiKey(ANONYMOUS, "", rate_limit_per_minute=10**9)
     else:
-        scheme, _, secret = (authorization or "").partition(" ")
-        found = gw.keyring.find(secret.strip()) if scheme.lower() == "bearer" else None
+        found = gw.keyring.find(credentials.credentials) if credentials else None
         if found is None:
             raise Problem(401, "Unauthorized", "send a known API key as "
                           "'Authorization: Bearer <secret>'", "Unauthorized")

@@ -216,6 +216,7 @@ def test_routes_health_metrics_and_openapi(stack: Stack) -> None:
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/routes"} <= set(
         spec["paths"])
     assert PROBLEM in json.dumps(spec["paths"]["/v1/jobs"]["post"]["responses"]["422"])
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
 def test_node_fetch_client(stack: Stack) -> None:
