@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[worker,monitor,test,demo]" "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[worker,monitor,gateway,test,demo]" "$(TORCH)"
 	touch $@
 
 demo: setup

@@ -8,6 +8,8 @@ Same machine, same run, same inputs (sentences of 4-48 words). Suites (``--suite
   from 16 and 64 producers, list jobs, a bulk map(), light load; and the open loop (Poisson
   arrivals at rising fractions of the limit).
 - ``drain``: 3,000 jobs of a tiny model, pipeq against a raw Celery no-op task.
+- ``gw``: ``pipeq gateway`` against the Python client on the same worker: light-load p50
+  added by HTTP, and throughput of 200 concurrent HTTP clients.
 
 Prints requests/s, p50/p99 latency and each row's ratio to its workload's limit; writes the
 rows to a JSON file (``--out``).
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.closed_loop import in_process_rows, naive_row, pipeq_rows  # noqa: E402
 from benchmarks.common import Setup, pipeq_worker  # noqa: E402
 from benchmarks.drain import drain_rows  # noqa: E402
+from benchmarks.gateway_bench import gateway_rows  # noqa: E402
 from benchmarks.open_loop import open_loop_rows  # noqa: E402
 from benchmarks.workload import sentences  # noqa: E402
 
@@ -66,7 +69,7 @@ def print_rows(rows: list[dict[str, Any]], machine: str) -> None:
     for r in rows:
         notes = "".join(f"  {key}={r[key]}" for key in (
             "x_ceiling", "added_p50_ms", "x_raw_celery", "submit_ms_per_job",
-            "queue_overhead_ms", "x_raw_celery_overhead") if key in r)
+            "queue_overhead_ms", "x_raw_celery_overhead", "x_python_client") if key in r)
         print(f"{r['row']:78} {r.get('req_per_s', ''):>8} {r.get('p50_ms', ''):>8} "
               f"{r.get('p99_ms', ''):>8} {r.get('x_limit', ''):>7}{notes}")
 
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print/write its rows."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="fe,tc,drain",
-                        help="comma-separated: fe, tc, drain (default: all)")
+    parser.add_argument("--suites", default="fe,tc,drain,gw",
+                        help="comma-separated: fe, tc, drain, gw (default: all)")
     parser.add_argument("--count", type=int, default=1000, help="sentences per workload")
     parser.add_argument("--drain-count", type=int, default=3000, help="jobs of the drain")
     parser.add_argument("--producers", type=lambda s: [int(p) for p in s.split(",")],
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += workload_rows(suite, args.model, sentences(args.count), setup, args)
             elif suite == "drain":
                 rows += drain_rows(setup, args.drain_count)
+            elif suite == "gw":
+                rows += gateway_rows(setup, args.model, sentences(args.count))
             else:
                 parser.error(f"unknown suite {suite!r}")
     finally:

@@ -117,7 +117,7 @@ def run_requests(remote: object, settings: object) -> int:
         print(f"   cancelled a queued job before it ran: {cancelled}; status {pending.status()}")
 
     async def many() -> list[object]:
-        return await asyncio.gather(*(remote.asubmit(f"async request {i}") for i in range(20)))
+        return await asyncio.gather(*(remote.acall(f"async request {i}") for i in range(20)))
 
     started = time.perf_counter()
     results = asyncio.run(many())

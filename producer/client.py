@@ -7,10 +7,13 @@ registry and result waiter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
 from typing import TypeVar
 
 import redis
@@ -58,6 +61,8 @@ class Client:
         self.registry = Registry(self.redis, self.keys, settings.heartbeat_s)
         self.publisher = Publisher(self.redis, self.keys)
         self.waiter = ResultWaiter(self.store, blocking, self.keys)
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
 
     @staticmethod
     def _identity(settings: Settings) -> tuple[str, str]:
@@ -84,9 +89,41 @@ class Client:
             client.close()
 
     def close(self) -> None:
-        """Stop the result waiter and close the connections."""
+        """Stop the result waiter, the asyncio helper threads, and close the connections."""
         self.waiter.close()
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        self.close()
+
+    async def offload(self, action: Callable[[], T]) -> T:
+        """``action()`` (a blocking Redis call) awaited on this client's own threads.
+
+        Not asyncio's default executor: a web app's own ``to_thread`` work never queues
+        behind pipeq's Redis calls, nor pipeq's behind it.
+        """
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.settings.async_threads,
+                    thread_name_prefix="pipeq-async")
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, action)
 
     def call_redis(self, action: Callable[[], T]) -> T:
         """Run a Redis call, retrying a lost connection for up to ``connect_timeout_s``;

@@ -79,7 +79,7 @@ class Job:
         Redis once read: its memory is freed, its state stays until the record expires.
         """
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
-        future, unseen = self._watch()
+        future, unseen = self.watch()
         if unseen:
             record = self.client.call_redis(lambda: self.client.store.get(self.id))
             self._take(record)
@@ -97,23 +97,29 @@ class Job:
         return outcome(record)
 
     async def aresult(self, timeout: float | None = None, *, drop: bool | None = None) -> Any:
-        """The result, awaited without blocking the event loop (``drop`` as in result())."""
+        """The result, awaited without blocking the event loop (JobNotFound for an unknown
+        id, JobTimeout when it has not ended within ``timeout``; ``drop`` as in result())."""
         wait = wait_seconds(self.client.settings.default_timeout_s, timeout)
-        future, unseen = self._watch()
+        future, unseen = self.watch()
         if unseen:
-            record = await asyncio.to_thread(self.client.call_redis,
-                                             lambda: self.client.store.get(self.id))
+            try:
+                record = await self.client.offload(
+                    lambda: self.client.call_redis(lambda: self.client.store.get(self.id)))
+            except BaseException:
+                self.client.waiter.forget(self.id)
+                raise
             self._take(record)
         try:
             record = await asyncio.wait_for(asyncio.wrap_future(future), wait)
         except TimeoutError:
             self.client.waiter.forget(self.id)
-            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s",
+            raise JobTimeout(f"job {self.id} did not finish within {wait:g}s; wait again "
+                             "with job.aresult(timeout=...) or cancel it",
                              job_id=self.id, waited_s=wait or 0.0) from None
-        await asyncio.to_thread(self._dropped_once_read, drop)
+        await self.client.offload(lambda: self._dropped_once_read(drop))
         return outcome(record)
 
-    def _watch(self) -> tuple[Future[JobRecord], bool]:
+    def watch(self) -> tuple[Future[JobRecord], bool]:
         """The Future of the job's final record, and whether the record must be read first:
         not when the job was watched since its submission (its wake-up cannot be missed);
         yes for a handle from ``get_job`` or after a wait that timed out."""
@@ -135,6 +141,18 @@ class Job:
             self.drop()
         except (PipeqError, redis.RedisError) as exc:  # the caller has its result: keep it
             log.warning("job %s: could not drop its result from Redis: %s", self.id, exc)
+
+    async def astatus(self) -> str:
+        """``status()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.status)
+
+    async def acancel(self) -> bool:
+        """``cancel()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.cancel)
+
+    async def adone(self) -> bool:
+        """``done()`` awaited without blocking the event loop."""
+        return await self.client.offload(self.done)
 
     def _take(self, record: JobRecord | None) -> None:
         """Act on the record read before waiting: unknown id, or already final."""

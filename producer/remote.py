@@ -7,7 +7,6 @@ handle. One RemotePipeline may be shared by many threads and used from asyncio.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -100,13 +99,20 @@ class RemotePipeline:
         existing = self.client.call_redis(lambda: self.client.redis.get(name))
         return None if existing is None else as_text(existing)
 
-    async def asubmit(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
-        """Submit and await the result without blocking the event loop."""
-        job = await asyncio.to_thread(self.submit, inputs, timeout=timeout, _watch=True,
-                                      **params)
-        return await job.aresult(timeout)
+    async def asubmit(self, inputs: Any, *, timeout: float | None = None,
+                      require_worker: bool | None = None, idempotency_key: str | None = None,
+                      **params: Any) -> Job:
+        """``submit()`` awaited without blocking the event loop: returns the Job handle
+        (``await job`` or ``await job.aresult()`` for its result)."""
+        return await self.client.offload(lambda: self.submit(
+            inputs, timeout=timeout, require_worker=require_worker,
+            idempotency_key=idempotency_key, **params))
 
-    acall = asubmit
+    async def acall(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
+        """``remote(inputs)`` awaited without blocking the event loop: the result."""
+        job = await self.client.offload(
+            lambda: self.submit(inputs, timeout=timeout, _watch=True, **params))
+        return await job.aresult(timeout)
 
     def map(self, inputs: Iterable[Any], *, chunk_size: int = 64, max_in_flight: int = 8,
             on_error: str = "raise", timeout: float | None = None, cache: bool = False,

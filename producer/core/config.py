@@ -167,6 +167,8 @@ class Settings(BaseSettings):
     claim_check_bytes: Annotated[int, Field(ge=0)] = 64 * 1024
     #: How long a producer retries an unreachable Redis before BrokerUnavailable.
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Threads a producer process runs its asyncio callers' Redis calls on (its own pool).
+    async_threads: Annotated[int, Field(ge=1, le=1024)] = 32
     #: Celery task events for Flower (task-received/started/succeeded/failed).
     events: bool = True
     routes_file: Path = DEFAULT_SETTINGS_DIR / "routes.toml"
@@ -174,6 +176,25 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     flower_user: str | None = None
     flower_password: SecretStr | None = None
+    #: ``pipeq gateway``'s API keys, ``name:secret,...`` (every route, the default rate
+    #: limit); or a TOML file of ``[[key]]`` tables with routes, limits and webhook defaults.
+    gateway_api_keys: SecretStr | None = None
+    gateway_api_keys_file: Path | None = None
+    #: Requests one API key may make per minute (counted in Redis, shared by all replicas).
+    gateway_rate_limit_per_minute: Annotated[int, Field(ge=1)] = 600
+    #: Longest ``?wait=`` / ``Prefer: wait=`` the gateway honours, in seconds.
+    gateway_max_wait_s: Annotated[float, Field(gt=0)] = 60.0
+    #: Signing secret of completion webhooks (Standard Webhooks, ``whsec_<base64>``).
+    webhook_secret: SecretStr | None = None
+    #: How long a webhook is retried (exponential backoff, jitter) before it is dead-lettered.
+    webhook_retry_for_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    #: First delay before a failed webhook is retried (doubling each time, with jitter,
+    #: up to an hour).
+    webhook_backoff_s: Annotated[float, Field(gt=0)] = 5.0
+    #: Seconds one webhook POST may take before it counts as failed.
+    webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    #: Let webhook URLs point at loopback, link-local or private addresses (off: no SSRF).
+    webhook_allow_private: bool = False
 
     @classmethod
     def settings_customise_sources(

@@ -129,3 +129,31 @@ class Keys:
     def payload(self, job_id: str, part: int) -> str:
         """A job's claim-checked media payload (raw bytes); deleted when the job ends."""
         return f"{self.prefix}:payload:{job_id}:{part}"
+
+    def gateway_job(self, job_id: str) -> str:
+        """A job submitted through the HTTP gateway: its owner (API key name) and route."""
+        return f"{self.prefix}:gw:job:{job_id}"
+
+    def gateway_idempotency(self, owner: str) -> str:
+        """Prefix of an API key's idempotency keys (each key's own namespace)."""
+        return f"gw:{owner}:"
+
+    def rate_window(self, owner: str, window: int) -> str:
+        """An API key's request count in one rate-limit window (a minute)."""
+        return f"{self.prefix}:gw:rate:{owner}:{window}"
+
+    def webhook(self, job_id: str) -> str:
+        """A job's webhook delivery: URL, owner, attempts, last error."""
+        return f"{self.prefix}:gw:hook:{job_id}"
+
+    def webhook_outbox(self) -> str:
+        """Sorted set of webhooks to check or deliver, scored by when to look next."""
+        return f"{self.prefix}:gw:outbox"
+
+    def webhook_dead(self) -> str:
+        """Webhooks given up on after ``webhook_retry_for_s`` (newest first)."""
+        return f"{self.prefix}:gw:hooks:dead"
+
+    def webhook_stats(self) -> str:
+        """Hash of webhook totals: delivered, attempts, failed attempts, dead-lettered."""
+        return f"{self.prefix}:gw:hooks:stats"

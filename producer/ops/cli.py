@@ -244,10 +244,12 @@ def dead(ctx: click.Context, action: str, entry_id: str | None) -> None:
 
 def _register_heavy_commands() -> None:
     from pipeq.bulk.command import bulk
+    from pipeq.gateway.command import gateway
     from pipeq.ops.worker_command import worker
 
     cli.add_command(worker)
     cli.add_command(bulk)
+    cli.add_command(gateway)
 
 
 _register_heavy_commands()

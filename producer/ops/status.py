@@ -149,6 +149,7 @@ def print_status(settings: Settings, task: str | None, model: str | None,
                           connect_timeout_s=settings.connect_timeout_s, socket_timeout_s=10)
     try:
         statuses = deployment_status(settings, client, only)
+        pending, dead = webhook_counts(client, settings)
     except redis.RedisError as exc:
         raise BrokerUnavailable(f"cannot read status from Redis: {exc}") from exc
     if remote is not None and any(s.healthy for s in statuses):
@@ -158,8 +159,21 @@ def print_status(settings: Settings, task: str | None, model: str | None,
     else:
         for line in _lines(statuses):
             click.echo(line)
+        if pending or dead:
+            click.echo(f"webhooks: {pending} pending, {dead} dead-lettered"
+                       + (" (gave up after PIPEQ_WEBHOOK_RETRY_FOR_S; listed under "
+                          f"{settings.keys.webhook_dead()})" if dead else ""))
     unhealthy = [s for s in statuses if (s.configured or only) and not s.healthy]
     return Exit.NO_WORKER if unhealthy or (only and not statuses) else Exit.OK
+
+
+def webhook_counts(client: redis.Redis, settings: Settings) -> tuple[int, int]:
+    """Gateway webhooks not yet delivered, and those given up on (dead-lettered)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(settings.keys.webhook_outbox())
+    pipe.llen(settings.keys.webhook_dead())
+    pending, dead = pipe.execute()
+    return int(pending), int(dead)
 
 
 def _lines(statuses: list[RouteStatus]) -> list[str]:

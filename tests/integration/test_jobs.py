@@ -176,7 +176,7 @@ def test_asyncio_gather_and_await_job(route_a: Served, local: Any) -> None:
     remote = route_a.remote
 
     async def main() -> tuple[list[Any], Any]:
-        gathered = await asyncio.gather(*(remote.asubmit(t, timeout=60) for t in TEXTS[:20]))
+        gathered = await asyncio.gather(*(remote.acall(t, timeout=60) for t in TEXTS[:20]))
         job = await asyncio.to_thread(remote.submit, TEXTS[5])
         return list(gathered), await job
 

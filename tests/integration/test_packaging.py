@@ -24,7 +24,8 @@ def test_the_wheel_installs_only_the_pipeq_package(tmp_path: Path) -> None:
     assert {t for t in top if not t.endswith(".dist-info")} == {"pipeq"}
     for shipped in ("pipeq/py.typed", "pipeq/core/lua/job_finish.lua",
                     "pipeq/core/lua/ring.lua", "pipeq/worker/broker/lua/claim.lua",
-                    "pipeq/worker/serve.py", "pipeq/ops/cli.py"):
+                    "pipeq/worker/serve.py", "pipeq/ops/cli.py", "pipeq/gateway/app.py",
+                    "pipeq/core/lua/webhook_claim.lua"):
         assert shipped in names, shipped
     assert not any(n.startswith(("producer/", "worker/")) for n in names)
 
@@ -37,6 +38,7 @@ def test_the_client_and_cli_import_without_torch(tmp_path: Path) -> None:
             "import pipeq, pipeq.ops.cli\n"
             "from pipeq import pipeline, get_job, Job, Settings\n"
             "import pipeq.errors\n"
+            "import pipeq.gateway.app  # the gateway extra needs no torch either\n"
             "assert pipeq.ops.cli.main(['--version']) == 0\n")
     done = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, timeout=60,
                           capture_output=True, text=True)
