@@ -18,6 +18,7 @@ rows to a JSON file (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -45,6 +46,10 @@ def workload_rows(suite: str, model: str, texts: list[str], setup: Setup,
     """Every row of one MiniLM workload, each with its ratio to the in-process limit."""
     task, label = WORKLOADS[suite]
     rows, local = in_process_rows(task, model, texts, setup, args.producers[0], label)
+    # This process holds torch and a local model, which a producer does not: its full garbage
+    # collections (~240 ms on 2 cores) would be charged to pipeq's latencies.
+    gc.collect()
+    gc.freeze()
     if not args.skip_naive:
         rows.append(naive_row(task, model, texts, setup, args.producers[0], label))
     rows += pipeq_rows(task, model, texts, setup, args.producers, args.list_size,

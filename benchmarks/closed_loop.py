@@ -110,20 +110,26 @@ def pipeq_rows(task: str, model: str, texts: list[str], setup: Setup, producer_c
     return rows
 
 
-def light_load_row(remote: Any, local: Any, texts: list[str], label: str) -> dict[str, Any]:
-    """One request at a time, each text called in-process and then through pipeq in turn, so
-    that drift in a shared machine's speed falls on both: p50 added over the local call."""
+def light_load_row(remote: Any, local: Any, texts: list[str], label: str,
+                   block: int = 20) -> dict[str, Any]:
+    """One request at a time: blocks of ``block`` texts called in-process, then the same
+    texts through pipeq, in turn, so that drift in a shared machine's speed falls on both
+    (alternating every call instead let the idle worker's model threads slow the next local
+    call). p50 added over the local call."""
     import torch
 
     lat, local_lat = [], []
-    for text in texts:
+    for start in range(0, len(texts), block):
+        part = texts[start:start + block]
         with torch.inference_mode():
+            for text in part:
+                t0 = time.perf_counter()
+                local(text)
+                local_lat.append(time.perf_counter() - t0)
+        for text in part:
             t0 = time.perf_counter()
-            local(text)
-            local_lat.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        remote(text)
-        lat.append(time.perf_counter() - t0)
+            remote(text)
+            lat.append(time.perf_counter() - t0)
     added = percentile(lat, 50) - percentile(local_lat, 50)
     return row(f"{label}: pipeq light load (1 at a time)", len(texts), sum(lat), lat,
                added_p50_ms=round(1000 * added, 2),
