@@ -119,8 +119,8 @@ def light_load_row(remote: Any, local: Any, texts: list[str], label: str,
     import torch
 
     lat, local_lat = [], []
-    for start in range(0, len(texts), block):
-        part = texts[start:start + block]
+    for first in range(0, len(texts), block):
+        part = texts[first:first + block]
         with torch.inference_mode():
             for text in part:
                 t0 = time.perf_counter()
