@@ -139,6 +139,7 @@ class Job:
             return
         try:
             self.drop()
+            self.future = None  # dropped: a later read says so, as from any other handle
         except (PipeqError, redis.RedisError) as exc:  # the caller has its result: keep it
             log.warning("job %s: could not drop its result from Redis: %s", self.id, exc)
 

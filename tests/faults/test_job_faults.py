@@ -229,13 +229,13 @@ def test_cancelling_a_running_job_is_best_effort(routes: Routes) -> None:
     served = routes.served["slow"]
     job = served.remote.submit("cancelled while running")
     wait_until(lambda: job.status() == "STARTED", 30, "the job to start")
-    assert job.cancel() is False  # it had started: the call in hand is not interrupted
+    shown = routes.dep.cli("cancel", job.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "it was running: its batch finishes, its result is discarded" in shown.stdout
     assert job.status() == "CANCELLED"
+    assert job.cancel() is False  # already cancelled; the call in hand is not interrupted
     with pytest.raises(JobCancelled):
         job.result(timeout=5)
-    shown = routes.dep.cli("cancel", job.id)
-    assert shown.returncode == 0
-    assert "cancelling a running job is best-effort" in shown.stdout
     # The call ends; its result is discarded and the job stays cancelled.
     wait_until(lambda: f"jobs={job.id}" in served.worker.log(), 30, "the batch to end")
     assert job.status() == "CANCELLED"

@@ -55,12 +55,15 @@ def expected(text: str) -> list[dict[str, object]]:
 
 def test_one_waiter_wakes_many_threads(remote: RemotePipeline,
                                        worker: InProcessWorker) -> None:
+    def waiters() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "pipeq-result-waiter"}
+
+    before = waiters()  # other tests' clients in this process have their own
     texts = [f"thread {i} " + "y" * (i % 7) for i in range(40)]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda t: remote(t, timeout=20), texts))
     assert results == [expected(t) for t in texts]
-    waiters = [t for t in threading.enumerate() if t.name == "pipeq-result-waiter"]
-    assert len(waiters) == 1  # one thread serves every caller of the process
+    assert len(waiters() - before) == 1  # one thread serves every caller of the process
 
 
 def test_asyncio_callers_share_the_waiter(remote: RemotePipeline,
