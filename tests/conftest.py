@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -28,6 +28,33 @@ from pipeq.core.config import Settings  # noqa: E402
 from pipeq.ops.embedded import start_redis_server  # noqa: E402
 
 READY_LINE = "pipeq worker ready"
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout}s still waiting for: {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Iterator[Settings]:
+    """A deployment of its own (key prefix) on the test Redis, for the in-process worker
+    harness (pipeq.worker.testing); its client is discarded and its keys go afterwards."""
+    prefix = f"u{uuid.uuid4().hex[:10]}"
+    settings = Settings(redis_url=redis_url, queue_prefix=prefix, require_worker=False,
+                        routes_file="/nonexistent/routes.toml", heartbeat_s=0.5)
+    yield settings
+    Client.discard(settings)
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import redis
@@ -19,6 +19,9 @@ from pipeq.core.config import Settings, load_settings
 from pipeq.core.contract import JobState
 from pipeq.errors import JobTimeout, NoWorkerError, PipeqError
 from pipeq.ops.exits import Exit, exit_code
+
+if TYPE_CHECKING:
+    from pipeq.job import Job
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,12 +118,8 @@ def submit(ctx: click.Context, task: str, model: str, revision: str | None,
     if not wait:
         click.echo(job.id)
         return
-    try:
-        print_json(job.result(timeout))
-    except JobTimeout as exc:
-        raise JobTimeout(f"job {job.id} did not finish within {exc.waited_s:g}s (status "
-                         f"{exc.state}); it goes on: wait again with `pipeq result {job.id} "
-                         f"--wait`, or stop it with `pipeq cancel {job.id}`") from None
+    print_result(job, timeout, f"it goes on: wait again with `pipeq result {job.id} --wait`, "
+                 f"or stop it with `pipeq cancel {job.id}`")
 
 
 @cli.command()
@@ -140,12 +139,17 @@ def result(ctx: click.Context, job_id: str, wait: bool, timeout: float | None) -
     if not wait and not job.done():  # an unknown id raises JobNotFound: exit 6
         click.echo(f"job {job.id} is {job.status()}", err=True)
         ctx.exit(Exit.TIMEOUT)
+    print_result(job, timeout, "wait longer with --timeout, or stop it with "
+                 f"`pipeq cancel {job.id}`")
+
+
+def print_result(job: Job, timeout: float | None, advice: str) -> None:
+    """Print the job's result as JSON; a wait that times out says so, then ``advice``."""
     try:
         print_json(job.result(timeout))
     except JobTimeout as exc:
         raise JobTimeout(f"job {job.id} did not finish within {exc.waited_s:g}s (status "
-                         f"{exc.state}); wait longer with --timeout, or stop it with "
-                         f"`pipeq cancel {job.id}`") from None
+                         f"{exc.state}); {advice}") from None
 
 
 @cli.command()

@@ -8,7 +8,6 @@ crashed (SIGKILL) and started again in place.
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,42 +15,17 @@ from pathlib import Path
 import pytest
 from conftest import Deployment
 from gateway_support import SECRET_A, WEBHOOK_SECRET, GatewayProcess, Receiver, curl
+from redis_server import RedisServer
 from standardwebhooks import Webhook
 from tiny_models import build_text_model
 
-from pipeq.ops.embedded import free_port, start_redis_server
-
 TASK = "text-classification"
-PERSISTENCE = ["--appendonly", "yes", "--appendfsync", "everysec",
-               "--maxmemory-policy", "noeviction"]
-
-
-class RedisServer:
-    """A redis-server child that can be crashed and started again in place."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        self.proc, self.url = start_redis_server(self.workdir, self.port, extra=PERSISTENCE)
-
-    def crash(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
     redis_server = RedisServer(tmp_path / "redis")
     redis_server.start()
     yield redis_server
-    if redis_server.proc is not None and redis_server.proc.poll() is None:
-        redis_server.proc.terminate()
-        redis_server.proc.wait(10)
+    redis_server.close()
 
 
 def test_a_pending_webhook_survives_a_redis_crash(server: RedisServer, tmp_path: Path,
@@ -74,7 +48,7 @@ def test_a_pending_webhook_survives_a_redis_crash(server: RedisServer, tmp_path:
         assert reply.status == 202, reply.text
         job = reply.json()
         time.sleep(1.5)  # appendfsync everysec: what is older than a second is on disk
-        server.crash()
+        server.stop(signal.SIGKILL)
         frozen.proc.kill()
         frozen.stop()
         server.start()

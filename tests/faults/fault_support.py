@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import transformers
@@ -27,8 +26,6 @@ from pipeq import RemotePipeline
 from pipeq.core.contract import Route
 from pipeq.core.deadletters import DeadLetter, DeadLetters
 from pipeq.core.store import JOBS_IN_STATE
-
-T = TypeVar("T")
 
 TASK = "text-classification"
 #: Address space (prlimit --as) of the workers that take hostile input: ~2x what a tiny-model
@@ -61,18 +58,6 @@ def remote(dep: Deployment, model: str) -> RemotePipeline:
 def texts(count: int, tag: str = "") -> list[str]:
     """``count`` different inputs (different scores), built from the tiny models' corpus."""
     return [f"{CORPUS[i % len(CORPUS)]} {tag}{i}" for i in range(count)]
-
-
-def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``check`` until it returns something truthy; fail saying ``what`` did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout}s still waiting for: {what}")
-        time.sleep(interval)
 
 
 def copy_model(path: Path, root: Path, name: str) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 from compare import assert_same
-from conftest import Deployment
-from fault_support import TASK, local, model, texts, wait_until  # noqa: F401 - fixtures
+from conftest import Deployment, wait_until
+from fault_support import TASK, local, model, texts  # noqa: F401 - fixtures
 
 from pipeq.errors import BrokerUnavailable
 from pipeq.ops.embedded import start_redis_server

@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 import transformers
 from compare import assert_same
-from conftest import Deployment, WorkerProcess
-from fault_support import HOSTILE_CAP_MB, wait_until
+from conftest import Deployment, WorkerProcess, wait_until
+from fault_support import HOSTILE_CAP_MB
 from hostile_server import HostileServer, drip, endless, free_port, ok, redirect
 from PIL import Image
 from tiny_media_models import build_media_model, image_bytes, sample_audio, sample_image, wav_bytes

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import transformers
 from compare import assert_same
-from conftest import Deployment, WorkerProcess
+from conftest import Deployment, WorkerProcess, wait_until
 from fault_support import (
     TASK,
     copy_model,
@@ -33,7 +33,6 @@ from fault_support import (
     starts,
     states,
     texts,
-    wait_until,
 )
 from tiny_models import build_text_model
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import transformers
 from compare import assert_same
-from conftest import Deployment
+from conftest import Deployment, wait_until
 from corpus import Served, producer_cases, raw_items, worker_cases
 from fault_support import (
     HOSTILE_CAP_MB,
@@ -37,7 +37,6 @@ from fault_support import (
     starts,
     stored_count,
     unacked_count,
-    wait_until,
 )
 from tiny_models import build_text_model
 

@@ -10,15 +10,13 @@ the embedded server is 6.2, so the same settings are given on the command line.)
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from compare import assert_same
-from conftest import Deployment
+from conftest import Deployment, wait_until
 from fault_support import (  # noqa: F401 - model, local, remote: module fixtures
     TASK,
     local,
@@ -26,37 +24,14 @@ from fault_support import (  # noqa: F401 - model, local, remote: module fixture
     queue_length,
     remote,
     texts,
-    wait_until,
 )
+from redis_server import RedisServer
 
 from pipeq import Job, RemotePipeline
 from pipeq.client import Client
 from pipeq.errors import BrokerUnavailable
-from pipeq.ops.embedded import free_port, start_redis_server
 
-PERSISTENCE = ["--appendonly", "yes", "--appendfsync", "everysec",
-               "--maxmemory-policy", "noeviction"]
 CONNECT_TIMEOUT_S = 2.0
-
-
-class RedisServer:
-    """A redis-server child that can be crashed, stopped and started again in place."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    def start(self) -> None:
-        """Start on the same port and directory (reloading the AOF)."""
-        self.proc, self.url = start_redis_server(self.workdir, self.port, extra=PERSISTENCE)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop it: SIGTERM is a clean shutdown, SIGKILL a crash."""
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     redis_server = RedisServer(tmp_path_factory.mktemp("redis-restart"))
     redis_server.start()
     yield redis_server
-    if redis_server.proc is not None and redis_server.proc.poll() is None:
-        redis_server.stop()
+    redis_server.close()
 
 
 @pytest.fixture(scope="module")

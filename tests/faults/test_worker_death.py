@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from compare import assert_same
-from conftest import Deployment, WorkerProcess
+from conftest import Deployment, WorkerProcess, wait_until
 from fault_support import (  # noqa: F401 - model, local, remote: module fixtures
     TASK,
     dead_letters,
@@ -42,7 +42,6 @@ from fault_support import (  # noqa: F401 - model, local, remote: module fixture
     tally,
     texts,
     unacked_count,
-    wait_until,
     whereabouts,
 )
 

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Deployment
+from conftest import Deployment, wait_until
 from tiny_models import build_text_model
 
 
@@ -26,17 +25,6 @@ def live_workers(deployment: Deployment, task: str, model: str) -> list[dict[str
     """The registry's view of the route's live workers."""
     remote = deployment.remote(task, model)
     return remote.client.registry.workers(remote.route)
-
-
-def wait_for(predicate: Any, timeout: float = 120.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 def test_one_pinned_process_per_gpu(deployment: Deployment, models_dir: Path) -> None:
@@ -49,7 +37,7 @@ def test_one_pinned_process_per_gpu(deployment: Deployment, models_dir: Path) ->
                    if w["ready"]]
         return workers if len(workers) == 2 else []
 
-    workers = wait_for(two_ready)
+    workers = wait_until(two_ready, 120, "two pinned children to be ready")
     assert sorted(w["cuda_visible_devices"] for w in workers) == ["0", "1"]
     assert len({w["hostname"] for w in workers}) == 2
     remote = deployment.remote("text-classification", model)
@@ -64,12 +52,13 @@ def test_one_pinned_process_per_gpu(deployment: Deployment, models_dir: Path) ->
                if w["ready"] and w["pid"] != victim["pid"]]
         return now if sorted(w["cuda_visible_devices"] for w in now) == ["0", "1"] else []
 
-    wait_for(replaced)
+    wait_until(replaced, 120, "the killed child to be replaced")
     assert "restart #1" in supervisor.log()
 
     # SIGTERM stops every child, and the supervisor exits 0.
     assert supervisor.stop(signal.SIGTERM, timeout=60) == 0
-    wait_for(lambda: not live_workers(deployment, "text-classification", model), timeout=30)
+    wait_until(lambda: not live_workers(deployment, "text-classification", model), 30,
+               "the children to withdraw")
     for w in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(w["pid"], 0)
@@ -92,8 +81,8 @@ def test_a_users_own_producer_and_worker_modules_change_nothing(
     model = str(build_text_model("text-classification", models_dir))
     supervisor = deployment.start_worker("text-classification", model, "--gpus", "0",
                                          "--device", "cpu", ready=False, cwd=serving)
-    wait_for(lambda: [w for w in live_workers(deployment, "text-classification", model)
-                      if w["ready"]])
+    wait_until(lambda: [w for w in live_workers(deployment, "text-classification", model)
+                        if w["ready"]], 120, "the worker started from the user's folder")
     (app / "client.py").write_text(
         "import json\n"
         "from pipeq import pipeline\n"

@@ -23,15 +23,13 @@ import os
 import re
 import socket
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Deployment, WorkerProcess
+from conftest import Deployment, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.gpu
 
@@ -82,17 +80,6 @@ def max_difference(remote: list[Any], local: list[Any], tol: float) -> float:
         assert (diff <= allowed).all(), f"input #{i}: off by up to {diff.max():.3g}"
         worst = max(worst, float(diff.max()))
     return worst
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 180.0) -> Any:
-    """Poll ``predicate`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", FP32_TOL), ("float16", FP16_TOL)])
@@ -192,7 +179,7 @@ def test_gpus_0_pins_one_worker_to_the_real_gpu_and_reports_its_memory(
     def ready() -> list[dict[str, Any]]:
         return [w for w in remote.client.registry.workers(remote.route) if w["ready"]]
 
-    (child,) = wait_for(ready)
+    (child,) = wait_until(ready, 180, "the pinned GPU child to be ready")
     assert child["cuda_visible_devices"] == "0" and child["device"] == "cuda:0"
     assert child["pid"] != supervisor.pid
     local = local_pipeline(torch, minilm_path, "float32")
@@ -206,11 +193,11 @@ def test_gpus_0_pins_one_worker_to_the_real_gpu_and_reports_its_memory(
         memory = workers[0].get("device_memory_bytes") if workers else None
         return int(memory) if memory and memory >= at_least else 0
 
-    beat = wait_for(beat_memory, timeout=30)
+    beat = wait_until(beat_memory, 30, "GPU memory in the heartbeat")
     status = deployment.cli("status")
     assert "device=cuda:0" in status.stdout and "memory=" in status.stdout, status.stdout
-    metrics = wait_for(lambda: gpu_memory_metrics(port).get("allocated") and
-                       gpu_memory_metrics(port), timeout=30)
+    metrics = wait_until(lambda: gpu_memory_metrics(port).get("allocated") and
+                         gpu_memory_metrics(port), 30, "GPU memory in the metrics")
     assert metrics["allocated"] >= at_least and metrics["reserved"] >= metrics["allocated"]
     record(check="--gpus 0 pinning and GPU memory", heartbeat_memory_bytes=beat,
            metrics_allocated_bytes=metrics["allocated"],

@@ -6,17 +6,13 @@ input still gets its own answer, cached memory is released, and the failed call'
 from __future__ import annotations
 
 import gc
-import uuid
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import torch
 
 from pipeq import Settings, pipeline
-from pipeq.client import Client
 from pipeq.core.config import RouteSpec
 from pipeq.errors import JobFailed
 from pipeq.worker.model.runner import is_out_of_memory
@@ -58,17 +54,6 @@ class FakeOomRunner(EchoRunner):
         """Count the releases of cached device memory."""
         self.freed += 1
 
-
-@pytest.fixture
-def settings(redis_url: str) -> Iterator[Settings]:
-    prefix = f"u{uuid.uuid4().hex[:10]}"
-    settings = Settings(redis_url=redis_url, queue_prefix=prefix, require_worker=False,
-                        routes_file="/nonexistent/routes.toml", heartbeat_s=0.5)
-    yield settings
-    Client.discard(settings)
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 def test_out_of_memory_batch_is_halved_until_it_fits(settings: Settings) -> None:

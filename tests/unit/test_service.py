@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from pipeq import RemotePipeline, Settings, pipeline
-from pipeq.client import Client
 from pipeq.core.config import RouteSpec
 from pipeq.errors import JobCancelled, JobExpired, JobFailed, ValidationError
 from pipeq.worker.testing import EchoRunner, InProcessWorker
@@ -22,18 +19,6 @@ from pipeq.worker.testing import EchoRunner, InProcessWorker
 TASK = "text-classification"
 MODEL = "org/echo"
 
-
-@pytest.fixture
-def settings(redis_url: str) -> Iterator[Settings]:
-    """A deployment of its own (key prefix) on the test Redis; its keys go afterwards."""
-    prefix = f"u{uuid.uuid4().hex[:10]}"
-    settings = Settings(redis_url=redis_url, queue_prefix=prefix, require_worker=False,
-                        routes_file="/nonexistent/routes.toml", heartbeat_s=0.5)
-    yield settings
-    Client.discard(settings)
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 @pytest.fixture

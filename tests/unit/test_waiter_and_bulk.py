@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import redis
 
 from pipeq import RemotePipeline, Settings, pipeline
 from pipeq.bulk import ItemError
@@ -22,18 +20,6 @@ from pipeq.worker.testing import EchoRunner, InProcessWorker
 TASK = "text-classification"
 MODEL = "org/echo"
 
-
-@pytest.fixture
-def settings(redis_url: str) -> Iterator[Settings]:
-    """A deployment of its own (key prefix) on the test Redis; its keys go afterwards."""
-    prefix = f"w{uuid.uuid4().hex[:10]}"
-    settings = Settings(redis_url=redis_url, queue_prefix=prefix, require_worker=False,
-                        routes_file="/nonexistent/routes.toml")
-    yield settings
-    Client.discard(settings)
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
 
 
 @pytest.fixture
