@@ -20,7 +20,7 @@ from pipeq.core.contract import JobRequest, Lane, Route, new_job_id
 from pipeq.core.params import validate_params
 from pipeq.core.redis_io import as_text
 from pipeq.core.validation import InputLimits
-from pipeq.errors import JobTimeout, NoWorkerError, ValidationError
+from pipeq.errors import JobTimeout, NotReplicated, NoWorkerError, ValidationError
 from pipeq.inputs import prepare_inputs
 from pipeq.job import Job
 
@@ -78,9 +78,10 @@ class RemotePipeline:
         try:
             self.client.send(request)
             self.client.waiter.mark_published(job.id)
-        except BaseException:
+        except BaseException as exc:
             self.client.waiter.forget(job.id)
-            if idempotency_key is not None:  # nothing was enqueued: free the key again
+            # Nothing was enqueued (NotReplicated: it was, on the primary): free the key again.
+            if idempotency_key is not None and not isinstance(exc, NotReplicated):
                 self.client.delete(self.client.keys.idempotency(idempotency_key))
             raise
         return job

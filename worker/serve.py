@@ -23,7 +23,7 @@ from celery.utils.deprecated import CPendingDeprecationWarning
 
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.deadletters import DeadLetters
-from pipeq.core.redis_io import is_redis_full, redis_client
+from pipeq.core.redis_io import connect, is_redis_full
 from pipeq.core.registry import Registry
 from pipeq.core.secrets import mask_url
 from pipeq.ops.exits import Exit
@@ -79,8 +79,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     except (ModelLoadError, RuntimeError) as exc:
         log.error("worker not started: %s", exc)
         return Exit.MODEL_LOAD_FAILED if isinstance(exc, ModelLoadError) else Exit.USAGE
-    client = redis_client(redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                          socket_timeout_s=30, health_check_interval=10)
+    client = connect(settings, socket_timeout_s=30, health_check_interval=10)
     if (problem := unsupported_redis(client)) is not None:
         log.error("worker not started: %s", problem)
         return Exit.USAGE

@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.keys import LANES
-from pipeq.core.redis_io import as_text, redis_client
+from pipeq.core.redis_io import as_text, connect
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.broker.claiming import CLAIM_SCRIPT
 from pipeq.worker.broker.strategy import job_body
@@ -133,7 +133,7 @@ class InProcessWorker:
                  middleware: Sequence[Middleware] = (), call_overhead: float | None = None):
         self.settings = settings
         self.spec = spec
-        self.client = redis_client(settings.redis_url_value(), socket_timeout_s=30)
+        self.client = connect(settings, socket_timeout_s=30)
         runner_list = [runners] if isinstance(runners, PipelineRunner) else list(runners)
         self.service: RouteService = assemble(spec, settings, self.client, hostname,
                                               runner_list, call_overhead=call_overhead,

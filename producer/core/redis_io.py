@@ -12,12 +12,17 @@ import random
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
+from redis.sentinel import Sentinel
 
 from pipeq.core.secrets import mask_url
+from pipeq.core.sentinel import SentinelURL, is_sentinel_url, parse_sentinel_url
 from pipeq.errors import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from pipeq.core.config import Settings
 
 T = TypeVar("T")
 
@@ -43,13 +48,76 @@ def load_lua(name: str, package: str = "pipeq.core") -> str:
     return (resources.files(package) / "lua" / name).read_text()
 
 
+#: Longest wait for one sentinel to answer: a dead one must not hold every reconnect for
+#: the whole connect timeout (the client asks the next sentinel instead).
+SENTINEL_TIMEOUT_S = 2.0
+
+
+def connect(settings: Settings, *, connect_timeout_s: float | None = None,
+            socket_timeout_s: float | None = None, **kwargs: Any) -> redis.Redis:
+    """A client of the deployment's Redis: the one way pipeq builds one from its settings
+    (the URL, ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``, with the passwords
+    and TLS settings that go with it). ``connect_timeout_s`` defaults to the setting's."""
+    return redis_client(
+        settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
+        connect_timeout_s=(settings.connect_timeout_s if connect_timeout_s is None
+                           else connect_timeout_s),
+        socket_timeout_s=socket_timeout_s, password=settings.redis_password_value(),
+        sentinel_password=settings.sentinel_password_value(),
+        sentinel_tls=settings.sentinel_tls, **kwargs)
+
+
 def redis_client(url: str, *, ssl_cert_reqs: str = "required", connect_timeout_s: float = 10.0,
-                 socket_timeout_s: float | None = None, **kwargs: Any) -> redis.Redis:
-    """A client for ``url``; ``rediss://`` URLs verify certificates unless told otherwise."""
+                 socket_timeout_s: float | None = None, password: str | None = None,
+                 sentinel_password: str | None = None, sentinel_tls: bool = False,
+                 **kwargs: Any) -> redis.Redis:
+    """A client for ``url``; ``rediss://`` URLs verify certificates unless told otherwise.
+
+    ``password``: the Redis servers' password where the URL carries none (always, for a
+    ``sentinel://`` URL). A ``sentinel://`` URL gives a client of the master the sentinels
+    name, which asks them again after a failover (``sentinel_password`` and ``sentinel_tls``
+    apply to them; TLS then applies to the Redis servers too).
+    """
+    if is_sentinel_url(url):
+        return sentinel_client(parse_sentinel_url(url), password=password,
+                               sentinel_password=sentinel_password, tls=sentinel_tls,
+                               ssl_cert_reqs=ssl_cert_reqs, connect_timeout_s=connect_timeout_s,
+                               socket_timeout_s=socket_timeout_s, **kwargs)
     if url.startswith("rediss://"):
         kwargs.setdefault("ssl_cert_reqs", ssl_cert_reqs)
+    if password:  # from_url lets a password in the URL win
+        kwargs.setdefault("password", password)
     return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
                                 socket_timeout=socket_timeout_s, **kwargs)
+
+
+class SentinelRedis(redis.Redis):
+    """A client of a Sentinel-managed master whose ``close()`` also closes its connections
+    to the sentinels (redis-py's leaves them open)."""
+
+    def close(self) -> None:
+        """Close the master's connections, then the sentinels'."""
+        super().close()
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if manager is not None:
+            manager.close()
+
+
+def sentinel_client(target: SentinelURL, *, password: str | None, sentinel_password: str | None,
+                    tls: bool, ssl_cert_reqs: str, connect_timeout_s: float,
+                    socket_timeout_s: float | None, **kwargs: Any) -> redis.Redis:
+    """A client of ``target``'s master. Each new connection asks the sentinels where the
+    master is; a connection to a master that became a replica (``READONLY``) is dropped and
+    raises ConnectionError, so a retried call reaches the new master."""
+    tls_options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": ssl_cert_reqs} if tls else {}
+    asking = min(connect_timeout_s, SENTINEL_TIMEOUT_S)
+    manager = Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={"socket_connect_timeout": asking, "socket_timeout": asking,
+                         "password": sentinel_password, **tls_options},
+        socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
+        password=password, db=target.db, **tls_options)
+    return manager.master_for(target.master, redis_class=SentinelRedis, **kwargs)
 
 
 class Backoff:

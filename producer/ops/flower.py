@@ -89,11 +89,10 @@ def build_flower(settings: Settings, opts: FlowerOptions) -> Any:
 def route_queue_names(settings: Settings) -> list[str]:
     """The queues (both lanes) of every route ``pipeq status`` knows of, by name."""
     from pipeq.core.keys import LANES
-    from pipeq.core.redis_io import redis_client
+    from pipeq.core.redis_io import connect
     from pipeq.ops.status import deployment_status
 
-    client = redis_client(settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                          connect_timeout_s=2, socket_timeout_s=2)
+    client = connect(settings, connect_timeout_s=2, socket_timeout_s=2)
     try:
         return [settings.keys.queue_for(status.route, lane)
                 for status in deployment_status(settings, client) for lane in LANES]
