@@ -42,7 +42,7 @@ T = TypeVar("T")
 class Client:
     """Connections shared by every remote pipeline of one deployment in this process."""
 
-    _instances: dict[tuple[str, str], Client] = {}
+    _instances: dict[tuple[str, str, int], Client] = {}
     _instances_lock = threading.Lock()
 
     def __init__(self, settings: Settings):
@@ -65,9 +65,10 @@ class Client:
         self._executor_lock = threading.Lock()
 
     @staticmethod
-    def _identity(settings: Settings) -> tuple[str, str]:
+    def _identity(settings: Settings) -> tuple[str, str, int]:
         url = settings.redis_url.get_secret_value() if settings.redis_url else None
-        return repr(url), settings.queue_prefix
+        # Producers that wait for replicas and producers that do not publish differently.
+        return repr(url), settings.queue_prefix, settings.redis_wait_replicas
 
     @classmethod
     def for_settings(cls, settings: Settings | None = None) -> Client:

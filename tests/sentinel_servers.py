@@ -129,6 +129,11 @@ class SentinelSet:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
+    def restart(self, name: str) -> None:
+        """Start a killed server again on its port, as its supervisor would; with no data
+        and no role of its own: the sentinels make a returning old primary a replica."""
+        self._start_redis(name, [])
+
     def close(self) -> None:
         """Kill every process this set started (each has its own process group)."""
         for proc in self.procs.values():

@@ -94,6 +94,12 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         self.faults = FaultInjector(faults) if faults else None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            # Celery closes a channel again after collecting its connection (the broker was
+            # lost while messages were in hand): there is nothing to reach. kombu's close
+            # ignores a connection error; the AttributeError kombu would raise instead
+            # stopped the worker ("Unrecoverable error", seen in a Sentinel failover).
+            raise redis.ConnectionError("the broker connection was closed")
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._sync_client
