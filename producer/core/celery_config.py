@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 from celery import Celery
 
 from pipeq.core.config import Settings
+from pipeq.core.redis_io import sentinel_options
 from pipeq.core.sentinel import is_sentinel_url, parse_sentinel_url
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
@@ -102,13 +103,12 @@ def broker_connection(settings: Settings, redis_url: str) -> tuple[str, dict[str
                                        ).geturl()
         return redis_url, {}
     target = parse_sentinel_url(redis_url)
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_connect_timeout": min(settings.connect_timeout_s, 2.0),
-        "socket_timeout": min(settings.connect_timeout_s, 2.0)}
-    if settings.sentinel_password:
-        sentinel_kwargs["password"] = settings.sentinel_password_value()
-    if settings.sentinel_tls:
-        sentinel_kwargs.update(ssl=True, ssl_cert_reqs=settings.redis_ssl_cert_reqs)
+    # The sentinels' options as pipeq's own clients use them (the Redis servers' come from
+    # the URL and broker_use_ssl).
+    sentinel_kwargs, _ = sentinel_options(
+        password=password, sentinel_password=settings.sentinel_password_value(),
+        tls=settings.sentinel_tls, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
+        connect_timeout_s=settings.connect_timeout_s, socket_timeout_s=None)
     options = {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs,
                SENTINELS_OPTION: [[host, port] for host, port in target.sentinels]}
     return ";".join(target.kombu_urls(password)), options

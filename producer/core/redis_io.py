@@ -109,15 +109,26 @@ def sentinel_client(target: SentinelURL, *, password: str | None, sentinel_passw
     """A client of ``target``'s master. Each new connection asks the sentinels where the
     master is; a connection to a master that became a replica (``READONLY``) is dropped and
     raises ConnectionError, so a retried call reaches the new master."""
-    tls_options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": ssl_cert_reqs} if tls else {}
-    asking = min(connect_timeout_s, SENTINEL_TIMEOUT_S)
-    manager = Sentinel(
-        list(target.sentinels),
-        sentinel_kwargs={"socket_connect_timeout": asking, "socket_timeout": asking,
-                         "password": sentinel_password, **tls_options},
-        socket_connect_timeout=connect_timeout_s, socket_timeout=socket_timeout_s,
-        password=password, db=target.db, **tls_options)
+    asking, serving = sentinel_options(
+        password=password, sentinel_password=sentinel_password, tls=tls,
+        ssl_cert_reqs=ssl_cert_reqs, connect_timeout_s=connect_timeout_s,
+        socket_timeout_s=socket_timeout_s)
+    manager = Sentinel(list(target.sentinels), sentinel_kwargs=asking, db=target.db, **serving)
     return manager.master_for(target.master, redis_class=SentinelRedis, **kwargs)
+
+
+def sentinel_options(*, password: str | None, sentinel_password: str | None, tls: bool,
+                     ssl_cert_reqs: str, connect_timeout_s: float,
+                     socket_timeout_s: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The connection options of the sentinels, and of the Redis servers they name (for
+    redis-py's ``Sentinel``, sync or asyncio)."""
+    tls_options: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": ssl_cert_reqs} if tls else {}
+    quick = min(connect_timeout_s, SENTINEL_TIMEOUT_S)
+    asking = {"socket_connect_timeout": quick, "socket_timeout": quick,
+              "password": sentinel_password, **tls_options}
+    serving = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": socket_timeout_s,
+               "password": password, **tls_options}
+    return asking, serving
 
 
 class Backoff:

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeq.core.config import Settings
 from pipeq.core.secrets import mask_url
+from pipeq.core.sentinel import is_sentinel_url
 from pipeq.errors import ConfigError
 
 log = logging.getLogger("pipeq.flower")
@@ -100,13 +101,39 @@ def route_queue_names(settings: Settings) -> list[str]:
         client.close()
 
 
+def async_sentinel_client(settings: Settings) -> Any:
+    """An asyncio client (Flower's kind) of the master the deployment's sentinels name,
+    asking each sentinel in turn, with the sentinels' password and TLS settings."""
+    from redis.asyncio.sentinel import Sentinel
+
+    from pipeq.core.redis_io import sentinel_options
+    from pipeq.core.sentinel import parse_sentinel_url
+
+    target = parse_sentinel_url(settings.redis_url_value())
+    asking, serving = sentinel_options(
+        password=settings.redis_password_value(),
+        sentinel_password=settings.sentinel_password_value(), tls=settings.sentinel_tls,
+        ssl_cert_reqs=settings.redis_ssl_cert_reqs, connect_timeout_s=2, socket_timeout_s=2)
+    manager = Sentinel(list(target.sentinels), sentinel_kwargs=asking, **serving)
+    return manager.master_for(target.master, db=target.db)
+
+
 def _show_route_queues(flower_app: Any, settings: Settings) -> None:
     """Serve Flower's Broker page with every route's queues added to its workers' ones."""
     from flower.views.broker import BrokerView
     from tornado.routing import PathMatches, Rule
 
+    sentinel = is_sentinel_url(settings.redis_url_value())
+
     class RouteQueuesBrokerView(BrokerView):
         """Flower's Broker page, listing every route queue of the deployment too."""
+
+        def get_broker(self) -> Any:
+            broker = super().get_broker()
+            if sentinel:
+                # Flower's own Sentinel client asks only the first sentinel of the URL.
+                broker.redis = async_sentinel_client(settings)
+            return broker
 
         def get_active_queue_names(self) -> list[str]:
             names = set(super().get_active_queue_names())

@@ -14,6 +14,7 @@ README's table.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import statistics
@@ -32,7 +33,11 @@ from sentinel_servers import SentinelSet
 from tiny_models import CORPUS
 
 from pipeq import Job, RemotePipeline, pipeline
+from pipeq.core.celery_config import make_celery
+from pipeq.core.redis_io import connect
 from pipeq.errors import JobFailed, JobNotFound, JobTimeout, PipeqError
+from pipeq.ops.exporter import DeploymentCollector
+from pipeq.ops.flower import async_sentinel_client
 
 #: Load before the kill, and after the old primary is back as a replica.
 BEFORE_KILL_S = 3.0
@@ -194,6 +199,38 @@ def test_producers_and_workers_carry_on_through_a_failover(
     assert figures["failover_pause_s"] is not None and figures["failover_pause_s"] < 20
     # The workers' results after the failover reached the producers through the new master.
     assert_same(plain(f"{CORPUS[1]} after", timeout=30), local(f"{CORPUS[1]} after"))
+    _operators_tools_follow_the_new_master(dep, plain)
+
+
+def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeline) -> None:
+    """``pipeq status``, the Prometheus exporter, Celery's control commands (what Flower and
+    ``celery inspect`` use) and Flower's queue-depth client, all on the sentinel URL."""
+    status = dep.cli("status", "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    (route,) = [r for r in json.loads(status.stdout) if r["route_id"] == remote.route.id]
+    assert len(route["workers"]) == 2
+
+    collector = DeploymentCollector(dep.settings, connect(dep.settings))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in collector.collect() for s in family.samples}
+    assert samples[("pipeq_redis_up", ())] == 1
+    assert samples[("pipeq_workers", (("route", remote.route.id),))] == 2
+
+    app = make_celery(dep.settings)  # kombu's own sentinel transport, as Flower's
+    try:
+        replies = app.control.inspect(timeout=5).ping() or {}
+    finally:
+        app.close()
+    assert len(replies) == 2, replies
+
+    async def flower_queue_depth() -> int:
+        client = async_sentinel_client(dep.settings)
+        try:
+            return int(await client.llen(dep.settings.keys.queue(remote.route)))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(flower_queue_depth()) == 0
 
 
 def _wait_for_promotion(sentinels: SentinelSet, old_port: int | None) -> int:
