@@ -38,6 +38,7 @@ from pipeq.core.redis_io import connect
 from pipeq.errors import JobFailed, JobNotFound, JobTimeout, PipeqError
 from pipeq.ops.exporter import DeploymentCollector
 from pipeq.ops.flower import async_sentinel_client
+from pipeq.worker.broker.claiming import unsupported_redis
 
 #: Load before the kill, and after the old primary is back as a replica.
 BEFORE_KILL_S = 3.0
@@ -199,10 +200,11 @@ def test_producers_and_workers_carry_on_through_a_failover(
     assert figures["failover_pause_s"] is not None and figures["failover_pause_s"] < 20
     # The workers' results after the failover reached the producers through the new master.
     assert_same(plain(f"{CORPUS[1]} after", timeout=30), local(f"{CORPUS[1]} after"))
-    _operators_tools_follow_the_new_master(dep, plain)
+    _operators_tools_follow_the_new_master(dep, plain, sentinels)
 
 
-def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeline) -> None:
+def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeline,
+                                           sentinels: SentinelSet) -> None:
     """``pipeq status``, the Prometheus exporter, Celery's control commands (what Flower and
     ``celery inspect`` use) and Flower's queue-depth client, all on the sentinel URL."""
     status = dep.cli("status", "--json")
@@ -231,6 +233,9 @@ def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeli
             await client.aclose()
 
     assert asyncio.run(flower_queue_depth()) == 0
+    # A worker given a sentinel's address as a plain redis:// URL refuses it, saying why.
+    problem = unsupported_redis(sentinels.sentinel(0))
+    assert problem is not None and "sentinel://" in problem
 
 
 def _wait_for_promotion(sentinels: SentinelSet, old_port: int | None) -> int:

@@ -123,3 +123,24 @@ def test_celery_gets_kombus_sentinel_form_with_every_sentinel_and_password() -> 
     assert options["sentinel_kwargs"]["ssl"] is True
     assert options[SENTINELS_OPTION] == [["h1", 26379], ["h2", 26380], ["h3", 26379]]
     assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+class ServerInfo:
+    """A client whose INFO server section says ``mode`` (what Redis Cluster answers)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def info(self, section: str) -> dict[str, str]:
+        return {"redis_version": "7.2.4", "redis_mode": self.mode}
+
+
+def test_a_worker_refuses_redis_cluster_and_a_bare_sentinel_saying_what_to_use() -> None:
+    from pipeq.worker.broker.claiming import unsupported_redis
+
+    assert unsupported_redis(ServerInfo("standalone")) is None
+    cluster = unsupported_redis(ServerInfo("cluster"))
+    assert cluster is not None and "Redis Cluster is not supported" in cluster
+    assert "use Sentinel, or one Redis per group of routes" in cluster
+    sentinel = unsupported_redis(ServerInfo("sentinel"))
+    assert sentinel is not None and EXPECTED_FORM.replace("NAME", "") in sentinel

@@ -48,9 +48,19 @@ def unsupported_redis(client: Any) -> str | None:
     """Why the Redis behind ``client`` cannot serve pipeq workers, or None if it can (or
     cannot be asked now: Celery then keeps retrying the connection)."""
     try:
-        version = str(client.info("server").get("redis_version", ""))
+        server = client.info("server")
+        version = str(server.get("redis_version", ""))
     except Exception:  # unreachable now, or INFO refused (some managed services)
         return None
+    mode = server.get("redis_mode")
+    if mode == "sentinel":
+        return ("PIPEQ_REDIS_URL names a Redis Sentinel, not a Redis server: give the sentinels "
+                "and the master's name, sentinel://host1:26379,host2:26379,host3:26379/0"
+                "?master=NAME")
+    if mode == "cluster":
+        return ("Redis Cluster is not supported: pipeq's and kombu's scripts and transactions "
+                "touch several keys of one route at once (see the README, \"Redis high "
+                "availability\"); use Sentinel, or one Redis per group of routes")
     try:
         found = tuple(int(p) for p in version.split(".")[:2])
     except ValueError:
