@@ -15,8 +15,10 @@ README's table.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
+import signal
 import statistics
 import threading
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from compare import assert_same
 from conftest import Deployment
 from fault_support import TASK, local, model, starts  # noqa: F401 - model, local: fixtures
@@ -35,7 +38,14 @@ from tiny_models import CORPUS
 from pipeq import Job, RemotePipeline, pipeline
 from pipeq.core.celery_config import make_celery
 from pipeq.core.redis_io import connect
-from pipeq.errors import JobFailed, JobNotFound, JobTimeout, PipeqError
+from pipeq.errors import (
+    JobFailed,
+    JobLost,
+    JobNotFound,
+    JobTimeout,
+    NotReplicated,
+    PipeqError,
+)
 from pipeq.ops.exporter import DeploymentCollector
 from pipeq.ops.flower import async_sentinel_client
 from pipeq.worker.broker.claiming import unsupported_redis
@@ -165,7 +175,7 @@ def test_producers_and_workers_carry_on_through_a_failover(
     load.start()
     try:
         time.sleep(BEFORE_KILL_S)
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         sentinels.kill("primary")
         new_port = _wait_for_promotion(sentinels, old_port)
         promoted_at = time.monotonic()
@@ -183,6 +193,7 @@ def test_producers_and_workers_carry_on_through_a_failover(
     outcomes = [outcome(entry, local, deadline) for entry in load.submitted]
     figures = _figures(load, outcomes, (killed_at, promoted_at, rejoined_at),
                        starts(dep, [e.job.id for e in load.submitted]))
+    figures["workers_reconnected_s"] = [_reconnected(w.log(), killed_wall) for w in workers]
     print("\nSentinel failover figures:\n" + json.dumps(figures, indent=2))
 
     assert all(worker.proc.poll() is None for worker in workers)  # the same workers, on
@@ -201,6 +212,40 @@ def test_producers_and_workers_carry_on_through_a_failover(
     # The workers' results after the failover reached the producers through the new master.
     assert_same(plain(f"{CORPUS[1]} after", timeout=30), local(f"{CORPUS[1]} after"))
     _operators_tools_follow_the_new_master(dep, plain, sentinels)
+
+
+def test_what_the_replica_had_not_received_is_lost_and_reported_as_lost(
+        sentinels: SentinelSet, dep: Deployment, model: str) -> None:
+    """Asynchronous replication, shown: jobs the primary acknowledged but had not yet sent
+    its replica are missing after the failover, and their callers get JobLost (never a
+    hang); a submit with PIPEQ_REDIS_WAIT_REPLICAS=1 in that moment raises NotReplicated
+    instead, rightly: its job is gone too. What the replica had survives."""
+    plain = dep.remote(TASK, model)
+    waiting = pipeline(TASK, model=model, settings=dep.settings.model_copy(
+        update={"redis_wait_replicas": 1, "redis_wait_timeout_ms": 500}))
+    survivor = plain.submit("queued while the replica keeps up", require_worker=False)
+    primary = redis.Redis(port=sentinels.ports["primary"], socket_timeout=10)
+    assert primary.execute_command("WAIT", 1, 5000) == 1
+    replica = sentinels.procs["replica0"]
+    replica.send_signal(signal.SIGSTOP)  # a replica that falls behind (a slow link, a pause)
+    try:
+        # More than the kernel's socket buffers hold: what follows stays in the primary's
+        # own output buffer to its replica, and dies with it.
+        primary.set("backlog-filler", b"x" * (64 << 20))
+        unreplicated = [plain.submit(f"{CORPUS[i]} unreplicated", require_worker=False)
+                        for i in range(10)]
+        with pytest.raises(NotReplicated) as refused:
+            waiting.submit("refused: no replica confirms it", require_worker=False)
+        sentinels.kill("primary")
+    finally:
+        replica.send_signal(signal.SIGCONT)
+    _wait_for_promotion(sentinels, sentinels.ports["primary"])
+    for job in unreplicated:
+        with pytest.raises(JobLost, match="vanished"):
+            job.result(timeout=30)
+    with pytest.raises(JobNotFound):
+        Job(plain.client, refused.value.job_id).status()
+    assert survivor.status() == "PENDING"
 
 
 def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeline,
@@ -283,6 +328,16 @@ def _figures(load: Load, outcomes: list[str], times: tuple[float, float, float],
             "longest_submit_s": round(max(e.took_s for e, _, _ in rows), 2),
         }
     return out
+
+
+def _reconnected(log: str, killed_wall: float) -> float | None:
+    """Seconds from the kill to the worker's first "Connected to" the broker after it."""
+    for line in log.splitlines():
+        if "Connected to" in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if stamp > killed_wall:
+                return round(stamp - killed_wall, 2)
+    return None
 
 
 def _longest_gap(probes: list[tuple[float, float | None]]) -> float | None:
