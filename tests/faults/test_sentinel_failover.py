@@ -103,6 +103,7 @@ class Load:
     submitted: list[Submitted] = field(default_factory=list)
     refused: list[tuple[str, float, str]] = field(default_factory=list)
     probes: list[tuple[float, float | None]] = field(default_factory=list)
+    probe_ids: list[str] = field(default_factory=list)
     probe_text: str = ""
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -135,12 +136,16 @@ class Load:
     def _probe_loop(self, remote: RemotePipeline) -> None:
         """One job at a time, each waited for: when answers stop, and come again."""
         while not self.stop.is_set():
-            started = time.monotonic()
+            started, job_id, done = time.monotonic(), "", None
             try:
-                remote(self.probe_text, require_worker=False, timeout=30)
-                self.probes.append((started, time.monotonic()))
+                job = remote.submit(self.probe_text, require_worker=False, timeout=30)
+                job_id = job.id
+                job.result(timeout=30)
+                done = time.monotonic()
             except PipeqError:
-                self.probes.append((started, None))
+                pass
+            self.probes.append((started, done))
+            self.probe_ids.append(job_id)
 
     def join(self) -> None:
         self.stop.set()
@@ -194,6 +199,11 @@ def test_producers_and_workers_carry_on_through_a_failover(
     figures = _figures(load, outcomes, (killed_at, promoted_at, rejoined_at),
                        starts(dep, [e.job.id for e in load.submitted]))
     figures["workers_reconnected_s"] = [_reconnected(w.log(), killed_wall) for w in workers]
+    slowest = max(range(len(load.probes)), key=lambda i: (load.probes[i][1] or 1e9)
+                  - load.probes[i][0])
+    figures["slowest_probe"] = {"id": load.probe_ids[slowest], "submitted_s": round(
+        load.probes[slowest][0] - killed_at, 2), "took_s": round(
+        (load.probes[slowest][1] or float("nan")) - load.probes[slowest][0], 2)}
     print("\nSentinel failover figures:\n" + json.dumps(figures, indent=2))
 
     assert all(worker.proc.poll() is None for worker in workers)  # the same workers, on
