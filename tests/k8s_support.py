@@ -249,9 +249,7 @@ def selectors(expr: Any) -> Iterator[Any]:
     elif isinstance(expr, pq.Call):
         for arg in expr.args:
             yield from selectors(arg)
-    elif isinstance(expr, pq.AggregateExpr | pq.ParenExpr | pq.UnaryExpr):
-        yield from selectors(expr.expr)
-    elif isinstance(expr, pq.SubqueryExpr):
+    elif isinstance(expr, pq.AggregateExpr | pq.ParenExpr | pq.UnaryExpr | pq.SubqueryExpr):
         yield from selectors(expr.expr)
 
 
