@@ -286,6 +286,8 @@ def test_manifest_env_loads_with_pipeqs_settings(monkeypatch: pytest.MonkeyPatch
         settings = Settings()
         assert settings.routes_file == Path("/etc/pipeq/routes.toml")
         assert settings.redis_url is not None and settings.redis_url.get_secret_value() == url
+        assert settings.redis_password is not None, f"{name}: no PIPEQ_REDIS_PASSWORD"
+        assert settings.sentinel_password is not None, f"{name}: no PIPEQ_SENTINEL_PASSWORD"
         for key in env:
             monkeypatch.delenv(key)
 
@@ -294,7 +296,12 @@ def test_every_pipeq_pod_finds_redis_through_the_same_sentinels() -> None:
     urls = {name: container_env(c)["PIPEQ_REDIS_URL"] for name, c in pipeq_containers()}
     assert len(set(urls.values())) == 1, urls
     url = next(iter(urls.values()))
-    assert url.startswith("sentinel://") and "?master=pipeq" in url
+    assert url.startswith("sentinel://") and "?master=pipeq" in url and "@" not in url
+    for name, container in pipeq_containers():
+        secrets = {v["name"]: v["valueFrom"]["secretKeyRef"]["key"]
+                   for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+        assert secrets.get("PIPEQ_REDIS_PASSWORD") == "redis-password", name
+        assert secrets.get("PIPEQ_SENTINEL_PASSWORD") == "sentinel-password", name
     sentinels = of_kind("StatefulSet")["pipeq-sentinel"]["spec"]["replicas"]
     hosts = re.findall(r"(pipeq-sentinel-\d+)\.pipeq-sentinel:26379", url)
     assert hosts == [f"pipeq-sentinel-{i}" for i in range(sentinels)]
