@@ -113,7 +113,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
     tag = uuid.uuid4().hex[:6]
-    switch = f"pq{tag}-sw"
+    switch = f"k8s{tag}-sw"
     made: list[str] = []
     hosts_dirs: list[Path] = []
     result = Cluster(tag, tmp_path)
@@ -129,7 +129,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         hosts = "127.0.0.1 localhost\n" + "".join(
             f"{addresses[p]} {result.fqdn(p)}\n" for p in PODS)
         for i, pod in enumerate(PODS):
-            ns = f"pq{tag}-{i}"
+            ns = f"k8s{tag}-{i}"
             ip("netns", "add", ns)
             made.append(ns)
             result.netns[pod] = ns
