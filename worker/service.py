@@ -33,6 +33,7 @@ from pipeq.core.validation import InputLimits, check_inputs
 from pipeq.errors import ValidationError
 from pipeq.worker.batching.batcher import Failure, MicroBatcher
 from pipeq.worker.batching.jobs import Delivery, Ended, JobInFlight
+from pipeq.worker.batching.textsinks import TextStreams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.media import BudgetClosed, MediaPolicy, MediaResolver
 from pipeq.worker.redis_guard import RedisGuard
@@ -64,6 +65,9 @@ class RouteService:
         self.guard = guard or RedisGuard()
         self.batcher: MicroBatcher | None = None
         self.dead_letters = DeadLetters(store.client, settings.keys)
+        #: The Redis Streams of the jobs that stream their generated text.
+        self.streams = TextStreams(store.client, settings.keys, settings.result_ttl_s,
+                                   settings.stream_maxlen, self.guard)
         #: Where stored final states are counted, atomically with the records (exporter).
         self.stats_key = settings.keys.route_stats(route)
         policy = media or MediaPolicy(max_payload_bytes=settings.max_payload_bytes)
@@ -187,6 +191,9 @@ class RouteService:
         if request.route != self.route:
             raise ValidationError(f"job for route {request.route.describe()} reached a worker "
                                   f"of {self.route.describe()}")
+        if request.stream and self.route.task != "text-generation":
+            raise ValidationError(f"stream=True is for text-generation routes; route "
+                                  f"{self.route.describe()} cannot stream")
         check_inputs(self.route.task, request.inputs, self.limits)
         if validate_params(self.route.task, request.params) != request.params:
             raise ValidationError("call parameters carry null values; omit them instead")
@@ -269,6 +276,9 @@ class RouteService:
                 self._poison(job, starts)
             else:
                 job.started_at = now
+                if job.request.stream:
+                    job.attempt = starts
+                    job.text = self.streams.sink(job.job_id, starts)
         self.hooks.after_jobs_started(jobs)
 
     def _poison(self, job: JobInFlight, starts: int) -> None:
@@ -286,6 +296,7 @@ class RouteService:
         outcomes = [j.outcome for j in jobs if j.outcome is not None]
         stored = self.guard.call(lambda: self.store.finish(outcomes, self.stats_key),
                                  "store job records")
+        self._close_streams(jobs)
         self.hooks.after_outcomes(outcomes, stored)
         if self.media is not None:
             try:  # (the payloads expire with the job's deadline anyway)
@@ -295,6 +306,18 @@ class RouteService:
                 log.warning("could not delete the media payloads of %d job(s): %s", len(jobs),
                             exc)
         self._settle([j.ended() for j in jobs])
+
+    def _close_streams(self, jobs: list[JobInFlight]) -> None:
+        """End the streams of streaming jobs (after their records: a reader that sees the
+        end finds the final record); text of a run that outlives its job is not written."""
+        ends = []
+        for job in jobs:
+            if job.text is not None:
+                job.text.closed = True
+            if job.request.stream and job.outcome is not None and job.announce:
+                ends.append((job.job_id, job.attempt, job.outcome.state))
+        if ends:
+            self.streams.end(ends)
 
     def return_jobs(self, jobs: list[JobInFlight]) -> None:
         """Hand the messages of jobs that were not started back to the queue."""
