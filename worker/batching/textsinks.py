@@ -1,16 +1,21 @@
 """The Redis side of streaming: the sinks that append a job's generated text to its stream.
 
-One :class:`TextStreams` per worker process buffers the entries every sink puts and writes
-them in one pipelined round trip per flush (a decoding step of a batch: ``XADD`` per piece,
-``EXPIRE`` per job). Text is best effort while it flows: a Redis that fails keeps the
-entries buffered for the next step rather than stalling the model. The end entries of
-finished jobs go through the worker's :class:`~pipeq.worker.redis_guard.RedisGuard`, like
-their records: retried until Redis answers.
+One :class:`TextStreams` per worker process. Sinks buffer the entries they are given; a
+flush (once per decoding step of a batch) hands the step's entries of every job to one
+writer thread, which writes them in one pipelined round trip (``XADD`` per piece,
+``EXPIRE`` at a stream's first and last entry), merging the steps that queued up meanwhile
+(Redis was slow, or steps come faster than ``MIN_WRITE_INTERVAL_S``). Generation never
+waits for Redis, and one thread writing keeps each job's entries in order. A Redis that
+fails is retried (the worker's :class:`~pipeq.worker.redis_guard.RedisGuard`) until it
+answers; the end entries of finished jobs go through the same writer, after their text,
+and their caller waits until they are written, as it waits for the job records.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import queue
 import threading
 import time
 from typing import Any
@@ -20,15 +25,14 @@ import redis
 from pipeq.core.contract import JobState
 from pipeq.core.keys import Keys
 from pipeq.core.streams import end_fields, text_fields
-from pipeq.worker.redis_guard import RedisGuard, is_transient
+from pipeq.worker.redis_guard import RedisGuard
 
 log = logging.getLogger("pipeq.worker")
 
-#: Entries kept for a later flush while Redis fails; beyond this the oldest are dropped
-#: (their readers are told the start of the text is gone and read the result instead).
-MAX_BUFFERED = 100_000
-#: Repeat the warning about failing stream writes at most this often.
-WARN_EVERY_S = 30.0
+#: The writer's pause after each round trip: steps that come meanwhile are written together.
+MIN_WRITE_INTERVAL_S = 0.01
+
+Entry = tuple[str, dict[str, Any]]
 
 
 class TextStreams:
@@ -41,11 +45,13 @@ class TextStreams:
         self.ttl_s = ttl_s
         self.maxlen = maxlen
         self.guard = guard or RedisGuard()
-        self._buffer: list[tuple[str, dict[str, Any]]] = []
+        self._buffer: list[Entry] = []
         self._lock = threading.Lock()
-        #: One flush writes at a time, so a job's entries reach Redis in the order put.
-        self._write_lock = threading.Lock()
-        self._warned_at = 0.0
+        #: Batches of entries to write, in order; an Event marks a point someone waits for.
+        self._queue: queue.SimpleQueue[list[Entry] | threading.Event] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        #: Streams given their expiry already (writer thread only).
+        self._expiring: set[str] = set()
 
     def sink(self, job_id: str, attempt: int) -> RedisTextSink:
         """The sink of one attempt of a streaming job."""
@@ -55,59 +61,72 @@ class TextStreams:
         """Buffer one entry for ``key`` until the next flush."""
         with self._lock:
             self._buffer.append((key, fields))
-            if len(self._buffer) > MAX_BUFFERED:
-                del self._buffer[:len(self._buffer) - MAX_BUFFERED]
 
     def flush(self) -> None:
-        """Write every buffered entry in one pipelined round trip; on a transient Redis
-        error keep them for the next flush."""
-        with self._write_lock:
-            with self._lock:
-                entries, self._buffer = self._buffer, []
+        """Hand every buffered entry to the writer thread (which writes them in one round
+        trip); returns at once."""
+        with self._lock:
+            entries, self._buffer = self._buffer, []
             if not entries:
                 return
-            try:
-                self._write(entries)
-            except redis.RedisError as exc:
-                if not is_transient(exc):
-                    log.warning("could not write %d streamed piece(s): %s", len(entries), exc)
-                    return
-                with self._lock:
-                    self._buffer[:0] = entries
-                if time.monotonic() - self._warned_at > WARN_EVERY_S:
-                    self._warned_at = time.monotonic()
-                    log.warning("streamed text waits for Redis (%s); %d piece(s) buffered",
-                                exc, len(entries))
+            self._queue.put(entries)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name="pipeq-text-streams")
+                self._writer.start()
 
     def end(self, ends: list[tuple[str, int, JobState]]) -> None:
         """Close the streams of ended jobs ``(job_id, attempt, final state)``, after the
-        text still buffered; retried until Redis answers."""
+        text still buffered; returns once written."""
         for job_id, attempt, state in ends:
             self.add(self.keys.stream(job_id), end_fields(attempt, state))
+        written = threading.Event()
+        self.flush()
+        self._queue.put(written)
+        written.wait()
 
-        def write() -> None:
-            with self._write_lock:
-                with self._lock:
-                    entries, self._buffer = self._buffer, []
+    def _write_loop(self) -> None:
+        while True:
+            entries: list[Entry] = []
+            waiting: list[threading.Event] = []
+            item = self._queue.get()
+            while True:  # everything queued meanwhile goes in the same round trip
+                if isinstance(item, threading.Event):
+                    waiting.append(item)
+                else:
+                    entries.extend(item)
                 try:
-                    self._write(entries)
-                except BaseException:
-                    with self._lock:
-                        self._buffer[:0] = entries
-                    raise
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                if entries:
+                    self.guard.call(functools.partial(self._write, entries),
+                                    "write streamed text")
+            except Exception:  # the worker gave up on Redis (it stops): nothing to wait for
+                log.exception("could not write %d streamed piece(s)", len(entries))
+            finally:
+                for event in waiting:
+                    event.set()
+            # Steps faster than this share a round trip (a tiny model's CPU steps take ~1 ms;
+            # a reader cannot tell 10 ms apart): less Redis and GIL time per token.
+            time.sleep(MIN_WRITE_INTERVAL_S)
 
-        self.guard.call(write, "close job streams")
-
-    def _write(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        if not entries:
-            return
+    def _write(self, entries: list[Entry]) -> None:
         pipe = self.client.pipeline(transaction=False)
+        expire = set()
         for key, fields in entries:
             entry: Any = fields  # (redis-py's stubs want an invariant dict type)
             pipe.xadd(key, entry, maxlen=self.maxlen, approximate=True)
-        for key in {key for key, _ in entries}:
+            # A stream expires from its first write, and again from its end (as its job's
+            # record): not at every step.
+            if key not in self._expiring or "end" in fields:
+                expire.add(key)
+        for key in expire:
             pipe.expire(key, self.ttl_s)
         pipe.execute()
+        self._expiring.update(expire)
+        self._expiring.difference_update(key for key, fields in entries if "end" in fields)
 
 
 class RedisTextSink:
@@ -126,5 +145,5 @@ class RedisTextSink:
             self.streams.add(self.key, text_fields(self.attempt, index, seq, at, text))
 
     def flush(self) -> None:
-        """Write what every sink of this worker buffered (one round trip)."""
+        """Hand what every sink of this worker buffered to the writer (one round trip)."""
         self.streams.flush()
