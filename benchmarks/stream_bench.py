@@ -104,11 +104,9 @@ def end_to_end(model: str, setup: Setup, args: argparse.Namespace) -> dict[str, 
             remote(PROMPT, **params)
             whole.append(time.perf_counter() - started)
             started = time.perf_counter()
-            pieces = 0
-            for _piece in remote.stream(PROMPT, **params):
-                if pieces == 0:
+            for count, _piece in enumerate(remote.stream(PROMPT, **params)):
+                if count == 0:
                     first.append(time.perf_counter() - started)
-                pieces += 1
             last.append(time.perf_counter() - started)
     return {"new_tokens": args.new_tokens,
             "result_s_p50": round(statistics.median(whole), 4),
