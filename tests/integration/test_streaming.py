@@ -28,7 +28,7 @@ from tiny_models import build_llama_model, build_text_model
 
 from pipeq import RemotePipeline
 from pipeq.core.streams import StreamPiece, parse_entry
-from pipeq.errors import JobCancelled, StreamError, StreamNotSupported
+from pipeq.errors import JobCancelled, JobFailed, StreamError, StreamNotSupported
 
 TASK = "text-generation"
 PROMPTS = ["Once upon a time there was", "hello world", "The cat sat on the mat. The dog"]
@@ -48,11 +48,13 @@ def models(models_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def served(module_deployment: Deployment, models: dict[str, str]) -> dict[str, str]:
     """A ready worker per model (one model instance each: calls are batches of all that
-    waits; the Llama worker's calls take 300 ms longer, so concurrent jobs share them)."""
+    waits; the Llama worker's calls take 300 ms longer, so concurrent jobs share them, and
+    an input with OOM fails as out of memory)."""
     workers = [module_deployment.start_worker(TASK, models["gpt2"], "--cpu-instances", "1",
                                               ready=False),
                module_deployment.start_worker(TASK, models["llama"], "--cpu-instances", "1",
-                                              ready=False, env={"PIPEQ_FAULTS": "slow_ms=300"})]
+                                              ready=False,
+                                              env={"PIPEQ_FAULTS": "slow_ms=300,oom_marker=OOM"})]
     for worker in workers:
         worker.wait_ready()
     return models
@@ -209,6 +211,15 @@ def test_what_cannot_stream_says_so(module_deployment: Deployment, served: dict[
     with pytest.raises(StreamError, match="did not stream its text: submit it with stream=True"):
         list(job.stream(timeout=10))
     assert not dep.keys(f":stream:{job.id}")
+
+
+def test_a_job_that_fails_ends_its_stream_with_its_error(module_deployment: Deployment,
+                                                        served: dict[str, str]) -> None:
+    remote = remote_of(module_deployment, served, "llama")
+    job = remote.submit("OOM for sure", timeout=60, stream=True, **GREEDY)
+    with pytest.raises(JobFailed, match="OutOfMemory"):
+        list(job.stream(timeout=60))
+    assert stream_entries(module_deployment, job.id)[-1].end.value == "FAILURE"
 
 
 def test_a_reader_never_hangs_on_a_job_that_will_not_run(module_deployment: Deployment,
