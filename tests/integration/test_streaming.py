@@ -12,6 +12,7 @@ A worker SIGKILLed mid-stream: the retry's reader gets one complete text, nothin
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -196,6 +197,20 @@ def test_async_stream(module_deployment: Deployment, served: dict[str, str],
     one, many = asyncio.run(main())
     assert "".join(one) == local_texts(local["llama"], PROMPTS[:1], GREEDY)[(0, 0)]
     assert joined(many) == local_texts(local["llama"], PROMPTS, GREEDY)
+
+
+def test_pipeq_submit_stream_prints_the_text_as_it_comes(module_deployment: Deployment,
+                                                        served: dict[str, str],
+                                                        local: dict[str, Any]) -> None:
+    args = ["submit", "--task", TASK, "--model", served["llama"], "--stream",
+            "--param", "max_new_tokens=24", "--param", "do_sample=false"]
+    one = module_deployment.cli(*args, PROMPTS[0])
+    assert one.returncode == 0, one.stderr
+    assert one.stdout == local_texts(local["llama"], PROMPTS[:1], GREEDY)[(0, 0)] + "\n"
+    many = module_deployment.cli(*args, *PROMPTS[:2])
+    assert many.returncode == 0, many.stderr
+    pieces = [StreamPiece(**json.loads(line)) for line in many.stdout.splitlines()]
+    assert joined(pieces) == local_texts(local["llama"], PROMPTS[:2], GREEDY)
 
 
 def test_what_cannot_stream_says_so(module_deployment: Deployment, served: dict[str, str]
