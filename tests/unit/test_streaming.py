@@ -14,7 +14,7 @@ from tiny_models import _gpt2_tokenizer, _llama_tokenizer
 from pipeq.core.config import Settings
 from pipeq.core.contract import JobState
 from pipeq.core.streams import StreamEntry, StreamPiece, TextAssembler, parse_entry
-from pipeq.errors import StreamError
+from pipeq.errors import JobFailed, StreamError
 from pipeq.worker.batching.textsinks import TextStreams
 from pipeq.worker.model.streamer import BatchTextStreamer, TextDecoder, TextTarget
 
@@ -135,3 +135,24 @@ def test_the_batch_streamer_writes_one_round_trip_per_step(settings: Settings) -
                 == "one two three four five six"
         assert entries[-1] == StreamEntry(1, end=JobState.SUCCESS)
         assert 0 < client.ttl(settings.keys.stream(job)) <= 60
+
+
+def test_a_worker_refuses_a_forged_stream_request_for_another_task(settings: Settings) -> None:
+    """A message that asks a non-generation route to stream (not sent by pipeq's client,
+    which refuses it) fails with a message saying why, and no stream key is made."""
+    from pipeq import pipeline
+    from pipeq.client import Client
+    from pipeq.core.config import RouteSpec
+    from pipeq.worker.testing import EchoRunner, InProcessWorker
+
+    remote = pipeline("text-classification", model="m", settings=settings)
+    request = remote.build_request("hi", {}, 30).model_copy(update={"stream": True})
+    spec = RouteSpec(task="text-classification", model="m", max_wait_ms=0)
+    with InProcessWorker(settings, spec, EchoRunner()) as worker:
+        Client.for_settings(settings).send(request)
+        worker.drain()
+    job = remote.job(request.job_id)
+    with pytest.raises(JobFailed, match="stream=True is for text-generation routes"):
+        job.result(5)
+    client = redis.Redis.from_url(settings.redis_url_value())
+    assert not client.exists(settings.keys.stream(request.job_id))
