@@ -8,9 +8,10 @@ then with one new token per row at each step. Each row of a job that streams has
 :class:`JobTextSink`, and every sink is flushed once per step: the Redis sinks of a batch
 share one writer, so one step is one pipelined round trip for the whole batch.
 
-Any engine can drive the same parts: a continuous-batching loop keeps a ``TextDecoder``
-per request, pushes each step's tokens into it, puts the pieces into the request's sink
-and flushes once per step (see :class:`JobTextSink`).
+Any engine can drive the same parts: a continuous-batching loop keeps a
+:class:`SequenceStream` per request that streams (its job's sink: ``JobInFlight.text``),
+pushes each step's new tokens into it, flushes the sinks once per step, and calls
+``finish`` (then flush) when the request ends; the route service closes the stream.
 """
 
 from __future__ import annotations
@@ -114,6 +115,30 @@ class TextDecoder:
         return at, pending
 
 
+class SequenceStream:
+    """One generated sequence's text, decoded as it grows, into its job's sink: the unit an
+    engine drives (one per row here; one per request in a continuous-batching loop)."""
+
+    def __init__(self, tokenizer: Any, decode_kwargs: dict[str, Any], sink: JobTextSink,
+                 index: int, seq: int = 0):
+        self.decoder = TextDecoder(tokenizer, decode_kwargs)
+        self.sink = sink
+        self.index = index
+        self.seq = seq
+
+    def push(self, token_ids: Sequence[int]) -> None:
+        """New tokens of the sequence: put the text they complete (flush the sink later)."""
+        self._put(*self.decoder.push(token_ids))
+
+    def finish(self) -> None:
+        """The sequence ended: put the rest of its text (flush the sink after)."""
+        self._put(*self.decoder.finish())
+
+    def _put(self, at: int, piece: str) -> None:
+        if piece:
+            self.sink.put(self.index, self.seq, at, piece)
+
+
 def _is_cjk(char: str) -> bool:
     """True for CJK ideographs, which are words of their own (no space follows them)."""
     return unicodedata.name(char, "").startswith(("CJK UNIFIED", "CJK COMPATIBILITY"))
@@ -146,48 +171,45 @@ class BatchTextStreamer(BaseStreamer):
         self.targets = list(targets)
         self.decode_kwargs = decode_kwargs
         self.on_step = on_step
-        self._inputs: int | None = None
-        #: Per streaming row: (row, target, sequence number, decoder); built at the first step.
-        self._rows: list[tuple[int, TextTarget, int, TextDecoder]] | None = None
+        self._prompt_rows: int | None = None
+        #: Per streaming row: (row, its sequence's stream); built at the first step.
+        self._rows: list[tuple[int, SequenceStream]] | None = None
         self._sinks = _unique_sinks(t.sink for t in self.targets if t is not None)
 
     def put(self, value: Any) -> None:
         """The prompt ids (first call, ``[rows, length]``), then each step's new tokens."""
-        if self._inputs is None:
-            self._inputs = int(value.shape[0])
+        if self._prompt_rows is None:
+            self._prompt_rows = int(value.shape[0])
             return
         rows = int(value.shape[0])
         if self._rows is None:
             self._rows = self._layout(rows)
         tokens = value.reshape(rows, -1).tolist()
-        for row, target, seq, decoder in self._rows:
-            at, piece = decoder.push(tokens[row])
-            if piece:
-                target.sink.put(target.index, seq, at, piece)
+        for row, sequence in self._rows:
+            sequence.push(tokens[row])
         self._flush()
         if self.on_step is not None:
             self.on_step()
 
     def end(self) -> None:
         """Generation ended: every streaming row gives the rest of its text."""
-        for _, target, seq, decoder in self._rows or ():
-            at, piece = decoder.finish()
-            if piece:
-                target.sink.put(target.index, seq, at, piece)
+        for _, sequence in self._rows or ():
+            sequence.finish()
         self._flush()
 
-    def _layout(self, rows: int) -> list[tuple[int, TextTarget, int, TextDecoder]]:
+    def _layout(self, rows: int) -> list[tuple[int, SequenceStream]]:
         # (The prompts come expanded already: num_return_sequences rows per input.)
-        if rows % len(self.targets) or rows != self._inputs:
-            raise RuntimeError(f"streamer for {len(self.targets)} inputs got {self._inputs} "
+        if rows % len(self.targets) or rows != self._prompt_rows:
+            raise RuntimeError(f"streamer for {len(self.targets)} inputs got {self._prompt_rows} "
                                f"prompt rows and {rows} rows")
         per_input = rows // len(self.targets)
         layout = []
         for row in range(rows):
             target = self.targets[row // per_input]
             if target is not None:
-                layout.append((row, target, row % per_input,
-                               TextDecoder(self.tokenizer, self.decode_kwargs)))
+                layout.append((row, SequenceStream(self.tokenizer, self.decode_kwargs,
+                                                   target.sink, target.index,
+                                                   row % per_input)))
         return layout
 
     def _flush(self) -> None:
