@@ -10,17 +10,17 @@ Comments keep idle connections open.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
-import time
 from collections.abc import AsyncIterator
 
 from pipeq.errors import JobFailed, JobNotFound, PipeqError, StreamError
 from pipeq.gateway.schemas import RouteOut, view
 from pipeq.gateway.service import GatewayService
 from pipeq.job import Job
-from pipeq.streaming import StreamReader
+from pipeq.streaming import aiterate
 
 #: Seconds without a piece after which a keep-alive comment is sent.
 KEEPALIVE_S = 15.0
@@ -35,18 +35,21 @@ async def text_events(service: GatewayService, job_id: str, route: RouteOut,
                       webhook: str | None) -> AsyncIterator[str]:
     """The text events of one job, then its result."""
     job = Job(service.client, job_id)
-    reader = StreamReader(job, None)  # no limit: the reading ends with the job, or the client
-    quiet_since = time.monotonic()
+    pieces = aiterate(job, None)  # no limit: the reading ends with the job, or the client
+    # One read in flight at a time; a quiet job gets a keep-alive comment meanwhile.
+    pending = asyncio.ensure_future(anext(pieces))
     try:
-        while not reader.done:
-            pieces = await service.client.offload(reader.step)
-            for piece in pieces:
-                yield sse("text", {"index": piece.index, "seq": piece.seq, "text": piece.text})
-            if pieces:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-                quiet_since = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+            if not done:
                 yield ": keep-alive\n\n"
+                continue
+            try:
+                piece = pending.result()
+            except StopAsyncIteration:
+                break
+            yield sse("text", {"index": piece.index, "seq": piece.seq, "text": piece.text})
+            pending = asyncio.ensure_future(anext(pieces))
     except JobNotFound:
         yield sse("error", {"id": job_id, "pipeq_error": "JobNotFound",
                             "detail": f"job {job_id} is gone (its record expired)"})
@@ -56,6 +59,12 @@ async def text_events(service: GatewayService, job_id: str, route: RouteOut,
         await _wait_for_end(job)
     except JobFailed:
         pass  # its error is in the result event
+    finally:
+        if not pending.done():  # the client went away mid-read
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
+        await pieces.aclose()
     record = await service.state(job_id)
     yield sse("result", view(job_id, route, record, webhook=webhook).model_dump(mode="json"))
 

@@ -111,6 +111,20 @@ def test_a_list_with_sequences(stack: Stack) -> None:
                      for i, seqs in enumerate(result) for s, seq in enumerate(seqs)}
 
 
+def test_a_reader_that_hangs_up_mid_stream_harms_nothing(stack: Stack) -> None:
+    job = submit(stack, parameters={"max_new_tokens": 40, "do_sample": False})
+    url = f"{stack.gateway.url}/v1/jobs/{job['id']}/stream"
+    with httpx.stream("GET", url, headers={"Authorization": f"Bearer {SECRET_A}"},
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: text"):
+                break  # hang up after the first piece
+    events = read_events(url)  # a second reader gets everything, from the start
+    assert events[-1][1] == "result" and events[-1][2]["status"] == "SUCCESS"
+    assert curl(stack.gateway.url + "/healthz", secret=None).status == 200
+    assert "Traceback" not in stack.gateway.log()
+
+
 def test_auth_ownership_and_jobs_that_do_not_stream(stack: Stack) -> None:
     job = submit(stack)
     url = f"{stack.gateway.url}/v1/jobs/{job['id']}/stream"
