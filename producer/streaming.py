@@ -107,8 +107,9 @@ class StreamReader:
 
     def _finish(self, state: JobState) -> None:
         self.done = True
-        if state != JobState.SUCCESS:
-            self.job.raise_outcome()
+        # The record decides, not the end entry: a job cancelled while it ran was ended by
+        # its worker as it ran, but its record says CANCELLED.
+        self.job.raise_outcome()
 
     def timed_out(self) -> None:
         """Raise JobTimeout: the caller's timeout passed before the job ended."""

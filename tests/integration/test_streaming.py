@@ -237,6 +237,16 @@ def test_a_job_that_fails_ends_its_stream_with_its_error(module_deployment: Depl
     assert stream_entries(module_deployment, job.id)[-1].end.value == "FAILURE"
 
 
+def test_a_job_cancelled_while_it_streams_raises_for_its_reader(
+        module_deployment: Deployment, served: dict[str, str]) -> None:
+    remote = remote_of(module_deployment, served, "llama")
+    job = remote.submit(PROMPTS[0], timeout=60, stream=True, **GREEDY)
+    wait_until(lambda: job.status() == "STARTED", 30, "the job to start")
+    assert not job.cancel()  # running: it finishes, its result is discarded
+    with pytest.raises(JobCancelled):
+        list(job.stream(timeout=60))
+
+
 def test_a_reader_never_hangs_on_a_job_that_will_not_run(module_deployment: Deployment,
                                                         models: dict[str, str],
                                                         tmp_path: Path) -> None:
