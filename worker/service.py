@@ -276,9 +276,7 @@ class RouteService:
                 self._poison(job, starts)
             else:
                 job.started_at = now
-                if job.request.stream:
-                    job.attempt = starts
-                    job.text = self.streams.sink(job.job_id, starts)
+                self.streams.open(job, starts)
         self.hooks.after_jobs_started(jobs)
 
     def _poison(self, job: JobInFlight, starts: int) -> None:
@@ -296,7 +294,7 @@ class RouteService:
         outcomes = [j.outcome for j in jobs if j.outcome is not None]
         stored = self.guard.call(lambda: self.store.finish(outcomes, self.stats_key),
                                  "store job records")
-        self._close_streams(jobs)
+        self.streams.close(jobs)
         self.hooks.after_outcomes(outcomes, stored)
         if self.media is not None:
             try:  # (the payloads expire with the job's deadline anyway)
@@ -306,18 +304,6 @@ class RouteService:
                 log.warning("could not delete the media payloads of %d job(s): %s", len(jobs),
                             exc)
         self._settle([j.ended() for j in jobs])
-
-    def _close_streams(self, jobs: list[JobInFlight]) -> None:
-        """End the streams of streaming jobs (after their records: a reader that sees the
-        end finds the final record); text of a run that outlives its job is not written."""
-        ends = []
-        for job in jobs:
-            if job.text is not None:
-                job.text.closed = True
-            if job.request.stream and job.outcome is not None and job.announce:
-                ends.append((job.job_id, job.attempt, job.outcome.state))
-        if ends:
-            self.streams.end(ends)
 
     def return_jobs(self, jobs: list[JobInFlight]) -> None:
         """Hand the messages of jobs that were not started back to the queue."""

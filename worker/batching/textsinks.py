@@ -25,6 +25,7 @@ import redis
 from pipeq.core.contract import JobState
 from pipeq.core.keys import Keys
 from pipeq.core.streams import end_fields, text_fields
+from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.redis_guard import RedisGuard
 
 log = logging.getLogger("pipeq.worker")
@@ -56,6 +57,25 @@ class TextStreams:
     def sink(self, job_id: str, attempt: int) -> RedisTextSink:
         """The sink of one attempt of a streaming job."""
         return RedisTextSink(self, self.keys.stream(job_id), attempt)
+
+    def open(self, job: JobInFlight, starts: int) -> None:
+        """A job starts (its ``starts``-th time): if it streams, give it this attempt's sink."""
+        if job.request.stream:
+            job.attempt = starts
+            job.text = self.sink(job.job_id, starts)
+
+    def close(self, jobs: list[JobInFlight]) -> None:
+        """Jobs ended, their records stored: end the streams of those that stream (a reader
+        that sees the end finds the final record); text of a run that outlives its job is
+        not written."""
+        ends = []
+        for job in jobs:
+            if job.text is not None:
+                job.text.closed = True
+            if job.request.stream and job.outcome is not None and job.announce:
+                ends.append((job.job_id, job.attempt, job.outcome.state))
+        if ends:
+            self.end(ends)
 
     def add(self, key: str, fields: dict[str, Any]) -> None:
         """Buffer one entry for ``key`` until the next flush."""
