@@ -138,7 +138,8 @@ class Job:
         return iterate(self, wait_seconds(self.client.settings.default_timeout_s, timeout))
 
     def astream(self, timeout: float | None = None) -> AsyncIterator[StreamPiece]:
-        """``stream()`` for ``async for``: each read runs on the client's own threads."""
+        """``stream()`` for ``async for``: it waits for text on an asyncio Redis connection of
+        its own (no thread waits); the short state checks run on the client's threads."""
         from pipeq.streaming import aiterate
 
         self._check_streamable()
