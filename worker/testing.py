@@ -54,7 +54,7 @@ class EchoRunner(PipelineRunner):
         self.calls: list[list[Any]] = []
         self._lock = threading.Lock()
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def run(self, items: list[Any], params: dict[str, Any], **streaming: Any) -> list[Any]:
         """``{"label": "LEN", "score": len(item)}`` per input, after the gate."""
         if self.gate is not None:
             self.gate.wait(30)

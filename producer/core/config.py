@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     queue_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pipeq"
     #: How long job records (results, errors) stay in Redis.
     result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+    #: Entries a streaming job's Redis Stream keeps (``remote.stream()``): about one per
+    #: word of generated text; older ones are trimmed (a reader that keeps up never misses
+    #: any, a late one is told to read the result instead).
+    stream_maxlen: Annotated[int, Field(ge=100)] = 10_000
     #: Drop a job's result from Redis once ``job.result()`` has read it (the state stays until
     #: the record expires): Redis then holds results only until their callers read them.
     drop_read_results: bool = False

@@ -94,6 +94,12 @@ class Keys:
         """The job record (state, result or error), stored with the result TTL."""
         return f"{self.prefix}:job:{job_id}"
 
+    def stream(self, job_id: str) -> str:
+        """A streaming job's Redis Stream of generated text (``pipeq.core.streams``): only
+        jobs submitted to stream have one; bounded (``stream_maxlen``), and expiring with
+        the result TTL."""
+        return f"{self.prefix}:stream:{job_id}"
+
     def reply(self, client_id: str) -> str:
         """A producer's wake-up list: workers push finished job ids onto it."""
         return f"{self.prefix}:reply:{client_id}"

@@ -52,6 +52,18 @@ def redis_client(url: str, *, ssl_cert_reqs: str = "required", connect_timeout_s
                                 socket_timeout=socket_timeout_s, **kwargs)
 
 
+def async_redis_client(url: str, *, ssl_cert_reqs: str = "required",
+                       connect_timeout_s: float = 10.0, socket_timeout_s: float | None = None,
+                       **kwargs: Any) -> Any:
+    """An asyncio client (``redis.asyncio``) for ``url``, configured as :func:`redis_client`."""
+    import redis.asyncio
+
+    if url.startswith("rediss://"):
+        kwargs.setdefault("ssl_cert_reqs", ssl_cert_reqs)
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                        socket_timeout=socket_timeout_s, **kwargs)
+
+
 class Backoff:
     """Exponential delays with jitter for a loop that retries Redis: 50 ms, 100 ms ... max_s."""
 
