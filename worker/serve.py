@@ -32,6 +32,7 @@ from pipeq.worker.broker.claiming import unsupported_redis
 from pipeq.worker.broker.compat import check_broker_internals
 from pipeq.worker.broker.consumer import consumer_class
 from pipeq.worker.broker.events import CeleryBridge
+from pipeq.worker.broker.handover import HolderLease
 from pipeq.worker.broker.leases import LeaseKeeper
 from pipeq.worker.broker.strategy import LoopSettler
 from pipeq.worker.hooks import Middleware
@@ -146,10 +147,15 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     warnings.filterwarnings("ignore", category=CPendingDeprecationWarning)
     leases = LeaseKeeper(client, settings.keys, settings.visibility_timeout_s,
                          service.held_delivery_tags)
+    # Claims are recorded under this worker's holder lease: should it fall silent (host cut
+    # off, frozen, killed), live workers hand its messages over within a few heartbeats.
+    holder = HolderLease(client, settings.keys, hostname, settings.heartbeat_s,
+                         settings.visibility_timeout_s)
     service.start()
     metrics.start()
     heartbeat.start()
     leases.start()
+    holder.start()
     worker = app.Worker(
         hostname=hostname, pool="solo", concurrency=1,
         # Both lanes of the route (see batching.lanes).
@@ -169,6 +175,9 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     finally:
         heartbeat.stop()
         leases.stop()
+        # Drained: nothing left to hand over. Otherwise the lease lapses and live workers put
+        # back what this worker still held.
+        holder.stop(withdraw=service.in_flight() == 0)
         service.stop()
         metrics.stop()
         log.info("pipeq worker %s stopped", hostname)
