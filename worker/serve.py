@@ -109,13 +109,22 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
                        call_overhead=overhead, middleware=middleware)
     settler = LoopSettler()
     service.settle_with(settler)
+    # Claims are recorded under this worker's holder lease: should it fall silent (host cut
+    # off, frozen, killed), live workers hand its messages over within a few heartbeats.
+    holder = HolderLease(client, settings.keys, hostname, settings.heartbeat_s,
+                         settings.visibility_timeout_s)
+
+    def probe() -> dict[str, Any]:
+        return {**service.hooks.heartbeat_fields(), "in_flight": service.in_flight(),
+                "declared_dead": holder.declared_dead, "handed_over": holder.restored}
+
     heartbeat = Heartbeat(
         Registry(client, settings.keys, settings.heartbeat_s), hostname, spec.route, device,
         extra={"queue": settings.keys.queue(spec.route), "max_batch_size": spec.max_batch_size,
                "instances": instances,
                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                "host": socket.gethostname(), **extra},
-        probe=service.hooks.heartbeat_fields, healthy=service.healthy,
+        probe=probe, healthy=service.healthy,
     )
     app = build_app(settings, redis_url, service, settler, bridge)
     held = prefetch or prefetch_limit(spec, instances)
@@ -147,10 +156,6 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     warnings.filterwarnings("ignore", category=CPendingDeprecationWarning)
     leases = LeaseKeeper(client, settings.keys, settings.visibility_timeout_s,
                          service.held_delivery_tags)
-    # Claims are recorded under this worker's holder lease: should it fall silent (host cut
-    # off, frozen, killed), live workers hand its messages over within a few heartbeats.
-    holder = HolderLease(client, settings.keys, hostname, settings.heartbeat_s,
-                         settings.visibility_timeout_s)
     service.start()
     metrics.start()
     heartbeat.start()
