@@ -12,7 +12,9 @@ with one Lua script that pops them and records them in kombu's unacked hash and 
 same atomic step, in exactly the format kombu's own ``QoS.append`` writes, and says whether
 the queues hold more (claim again at once) or not (wait on the doorbell). From that instant
 a dead worker's message is restored after the visibility timeout like any other
-unacknowledged message. Requires Redis >= 6.2 (BLMOVE).
+unacknowledged message; the same step records which worker holds it, so that live workers
+hand it over as soon as that worker's lease lapses (``pipeq.worker.broker.handover``).
+Requires Redis >= 6.2 (BLMOVE).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class ClaimingChannel:
     _in_poll: Any
     _brpop_sent_at: Any
     connection_errors: tuple[type[BaseException], ...]
+    visibility_timeout: float
 
     #: pipeq's keys (the deployment's prefix) and an unprefixed client for them.
     keys: Keys
@@ -223,7 +226,8 @@ class ClaimingChannel:
         return ["EVAL", CLAIM_SCRIPT, 5 + len(keys), prefix + self.unacked_key,
                 prefix + self.unacked_index_key, prefix + bell_of(queues[0]),
                 self.keys.owners(), self.keys.held(self.holder), *keys,
-                repr(time.time()), count, self.holder]
+                repr(time.time()), count, self.holder,
+                int(max(self.visibility_timeout, 1) * 1000)]
 
     def _redis_full(self, exc: Exception) -> None:
         """A claim refused by a full Redis took nothing (the script records before it pops):

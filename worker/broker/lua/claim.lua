@@ -4,7 +4,8 @@
 -- this holder's held hash (pipeq.worker.broker.handover), KEYS[6..] queue lists in the order
 -- to serve.
 -- ARGV[1] the claim time (the client's clock, as kombu's restore compares with it),
--- ARGV[2] the most messages to take, ARGV[3] the holder ('' : no hand-over records).
+-- ARGV[2] the most messages to take, ARGV[3] the holder ('' : no hand-over records),
+-- ARGV[4] how long the hand-over records outlive the claim (ms; renewals extend it).
 -- Returns {more, key, item, recorded, key, item, recorded, ...}: more is 1 while a queue
 -- still holds a message. Leaving every queue empty, the claim silences the doorbell: waiting
 -- workers then block. Each unacked entry is built from the item's own bytes
@@ -48,6 +49,10 @@ for i = 6, #KEYS do
     out[#out + 1] = recorded
     taken = taken + 1
   end
+end
+if holder ~= '' and taken > 0 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  redis.call('PEXPIRE', KEYS[5], ARGV[4])
 end
 for i = 6, #KEYS do
   if redis.call('LLEN', KEYS[i]) > 0 then

@@ -69,6 +69,8 @@ def test_an_expired_holders_messages_go_back_byte_for_byte_once(redis_url: str,
     tags = [m["properties"]["delivery_tag"] for m in (first, second)]
     assert {client.hget(keys.owners(), t) for t in tags} == {b"A"}
     assert client.hlen(keys.held("A")) == 2
+    # Never a key without an expiry (README, "Redis keys"), even before the next renewal.
+    assert client.pttl(keys.owners()) > 0 and client.pttl(keys.held("A")) > 0
     channel.acks._remove([tags[0]])  # the first job finished and was acknowledged
     assert client.hlen(keys.held("A")) == 1 and client.hlen(keys.owners()) == 1
 
