@@ -175,7 +175,6 @@ class ClaimingChannel:
     _in_poll: Any
     _brpop_sent_at: Any
     connection_errors: tuple[type[BaseException], ...]
-    visibility_timeout: float
 
     #: pipeq's keys (the deployment's prefix) and an unprefixed client for them.
     keys: Keys
@@ -227,7 +226,7 @@ class ClaimingChannel:
                 prefix + self.unacked_index_key, prefix + bell_of(queues[0]),
                 self.keys.owners(), self.keys.held(self.holder), *keys,
                 repr(time.time()), count, self.holder,
-                int(max(self.visibility_timeout, 1) * 1000)]
+                int(max(float(getattr(self, "visibility_timeout", 3600)), 1.0) * 1000)]
 
     def _redis_full(self, exc: Exception) -> None:
         """A claim refused by a full Redis took nothing (the script records before it pops):
