@@ -17,6 +17,7 @@ answered, lost, stored twice and wrong (compared with the local ``transformers.p
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import time
@@ -39,15 +40,16 @@ pytestmark = pytest.mark.distributed
 TASK = "text-classification"
 HOSTS = ["redis", "w1", "w2", "w3", "prod"]
 WORKER_HOSTS = ["w1", "w2", "w3"]
-SLOW_MS = 300
+SLOW_MS = 500
 BATCH = 8
 BEAT_S = 1.0
 CONNECT_TIMEOUT_S = 2.0
-#: Messages a worker holds: one batch (a deep prefetch would leave hosts idle at the end).
+#: Messages a worker holds: the batch it runs and the next one (claimed while the first
+#: runs); a deeper prefetch would leave hosts idle at the end.
 WORKER_ARGS = ("--cpu-instances", "1", "--max-batch-size", str(BATCH), "--prefetch",
-               str(BATCH), "--max-wait-ms", "5")
-#: Jobs per worker host in the scaling runs (~3 s of work each).
-JOBS_PER_HOST = 80
+               str(2 * BATCH), "--max-wait-ms", "5")
+#: Jobs per worker host in the scaling runs (~4 s of work each).
+JOBS_PER_HOST = 64
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,9 @@ def test_a_cut_producer_host_gets_broker_unavailable_in_time(cluster: Cluster, b
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # READY once its call went through
+        # READY once its call went through (bounded: a producer that hangs fails the test)
+        assert select.select([proc.stdout], [], [], 90)[0], "the producer never got going"
+        line = proc.stdout.readline()
         assert line.strip() == "READY", line + proc.stdout.read()
         bed.cut("prod")
         go.touch()
