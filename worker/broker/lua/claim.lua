@@ -13,8 +13,9 @@
 -- item that is not a kombu message is returned unrecorded: the transport dead-letters it and
 -- nothing would ever restore it.
 -- With a holder, the same step records who holds the message and where it came from (its
--- queue, its doorbell and its length inside the unacked entry), so that live workers can
--- put it back, byte for byte, once the holder's lease expires (lua/lease.lua).
+-- length inside the unacked entry, its queue and its doorbell, one per line: keys hold no
+-- newline), so that live workers can put it back, byte for byte, once the holder's lease
+-- expires (lua/lease.lua).
 local out = {0}
 local wanted = tonumber(ARGV[2]) or 1
 local holder = ARGV[3] or ''
@@ -38,7 +39,7 @@ for i = 6, #KEYS do
         redis.call('ZADD', KEYS[2], ARGV[1], tag)
         if holder ~= '' then
           redis.call('HSET', KEYS[4], tag, holder)
-          redis.call('HSET', KEYS[5], tag, cjson.encode({KEYS[i], KEYS[3], #item}))
+          redis.call('HSET', KEYS[5], tag, #item .. '\n' .. KEYS[i] .. '\n' .. KEYS[3])
         end
         recorded = 1
       end

@@ -30,12 +30,13 @@ for _, holder in ipairs(dead) do
     if redis.call('HGET', KEYS[4], tag) == holder then
       redis.call('HDEL', KEYS[4], tag)
       local entry = redis.call('HGET', KEYS[2], tag)
-      local ok, where = pcall(cjson.decode, entries[i + 1])
-      if entry and ok and type(where) == 'table' then
+      -- What the claim recorded: the item's length, its queue, its doorbell (claim.lua).
+      local length, queue, bell = string.match(entries[i + 1], '^(%d+)\n([^\n]+)\n([^\n]+)$')
+      if entry and length then
         -- The claim wrote '[' item ',' EX ',' RK ']': the item is the message as published.
-        local item = string.sub(entry, 2, 1 + where[3])
-        redis.call('RPUSH', where[1], item)  -- the right end: served next
-        if redis.call('LLEN', where[2]) == 0 then redis.call('LPUSH', where[2], '1') end
+        local item = string.sub(entry, 2, 1 + tonumber(length))
+        redis.call('RPUSH', queue, item)  -- the right end: served next
+        if redis.call('LLEN', bell) == 0 then redis.call('LPUSH', bell, '1') end
         redis.call('HDEL', KEYS[2], tag)
         redis.call('ZREM', KEYS[3], tag)
         restored = restored + 1
