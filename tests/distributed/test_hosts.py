@@ -12,6 +12,8 @@ answered, lost, stored twice and wrong (compared with the local ``transformers.p
    holder lease expires (hand-over), long before the visibility timeout; when it comes back
    it learns it was declared dead, and its late results change nothing.
 3. A producer host is cut off: BrokerUnavailable within the connect timeout, never a hang.
+
+And the bed cleans up after itself: namespaces of a run that crashed are removed by the next.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import transformers
 from cluster import PRODUCE, Cluster
 from compare import assert_same
 from conftest import ROOT, wait_until
-from netbed import NetBed, short_tempdir, why_unusable
+from netbed import NAME_PREFIX, NetBed, ip, remove_stale, short_tempdir, why_unusable
 from tiny_models import CORPUS, build_text_model
 
 from pipeq.core.registry import MISSED_BEATS
@@ -270,3 +272,18 @@ def test_a_cut_producer_host_gets_broker_unavailable_in_time(cluster: Cluster, b
     for step in ("submit", "status"):
         assert "pipeq.errors.BrokerUnavailable" in report[step]["outcome"], (report, output)
         assert report[step]["seconds"] <= CONNECT_TIMEOUT_S + 1.0, report
+
+
+def test_leftovers_of_a_crashed_run_are_removed() -> None:
+    reason = why_unusable()
+    if reason:
+        pytest.skip(f"distributed tests need Linux network namespaces: {reason}")
+    ended = subprocess.Popen(["true"])  # its pid no longer runs: a crashed run's
+    ended.wait(10)
+    stale = f"{NAME_PREFIX}{ended.pid}-w1"
+    ip("netns", "add", stale)
+    try:
+        assert stale in remove_stale()
+        assert stale not in ip("netns", "list").stdout.split()
+    finally:
+        ip("netns", "del", stale, check=False)
