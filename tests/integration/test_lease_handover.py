@@ -76,8 +76,9 @@ def test_an_expired_holders_messages_go_back_byte_for_byte_once(redis_url: str,
 
     b.renew()
     assert client.llen(queue) == 0  # A's lease runs: nothing is taken from it
-    time.sleep(a.lease_ms / 1000 + 0.05)
-    assert b.renew() == [("A", 1)]
+    # B renews every beat, as a live worker does, until A's lease has lapsed.
+    reaped = wait_until(lambda: b.renew(), 5, "A's lease to lapse", interval=BEAT_S)
+    assert reaped == [("A", 1)]
     # Only the message A still held is back, exactly as published, and no longer unacked.
     assert client.lrange(queue, 0, -1) == [published[1]]
     assert client.hlen(keys.unacked()) == 0 and client.zcard(keys.unacked_index()) == 0
@@ -137,3 +138,41 @@ def test_a_drained_holder_withdraws_its_lease(redis_url: str, keys: Keys) -> Non
     assert 0 < client.pttl(keys.holders()) <= a.keep_ms
     a.stop(withdraw=True)
     assert not client.exists(keys.holders())
+
+
+def test_after_a_pause_of_redis_longer_than_a_lease_nobody_is_declared_dead(
+        redis_url: str, keys: Keys) -> None:
+    client = redis.Redis.from_url(redis_url)
+    a, b = lease(redis_url, keys, "A"), lease(redis_url, keys, "B")
+    a.renew()
+    b.renew()
+    time.sleep(a.lease_ms / 1000 + 0.05)  # as if Redis stalled (or failed over) that long
+    # The first to renew was silent itself: it renews and hands nothing over ...
+    assert b.renew() == []
+    assert a.renew() == []
+    # ... and a round later both are alive again.
+    assert b.renew() == [] and a.renew() == []
+    assert a.declared_dead == b.declared_dead == 0
+    # A holder that really fell silent is still handed over.
+    reaped = wait_until(lambda: b.renew(), 5, "A's lease to lapse", interval=BEAT_S)
+    assert reaped == [("A", 0)]
+    assert client.zscore(keys.holders(), "A") is None
+
+
+def test_a_new_process_of_the_same_name_puts_back_what_the_dead_one_held(
+        redis_url: str, keys: Keys) -> None:
+    client = redis.Redis.from_url(redis_url)
+    queue = keys.broker_prefix + "jobs"
+    conn = holder_connection(redis_url, keys, "A")
+    publish(conn, "held by the first life")
+    published = client.lrange(queue, 0, -1)
+    lease(redis_url, keys, "A").renew(fresh=True)
+    channel: Any = conn.default_channel
+    channel._get("jobs")
+    # The process dies; one with the same hostname starts within the lease (nobody reaped).
+    again = lease(redis_url, keys, "A")
+    assert again.renew(fresh=True) == [("A", 1)]
+    assert client.lrange(queue, 0, -1) == published
+    assert client.hlen(keys.unacked()) == 0
+    assert again.declared_dead == 0
+    conn.release()

@@ -70,9 +70,12 @@ class HolderLease:
         self._thread = threading.Thread(target=self._run, name="pipeq-handover", daemon=True)
 
     def start(self) -> None:
-        """Take the lease now (claims are recorded under it), then keep renewing it."""
+        """Take the lease now, before this worker claims anything (claims are recorded under
+        it), putting back what a dead process of the same name still held; then keep
+        renewing it. (Should Redis be away now, a dead namesake's messages wait for kombu's
+        visibility timeout: a later renewal cannot tell them from this process's own.)"""
         try:
-            self.renew()
+            self.renew(fresh=True)
         except redis.RedisError as exc:
             log.warning("could not take the holder lease yet (%s); retrying every %gs", exc,
                         self.interval_s)
@@ -92,21 +95,28 @@ class HolderLease:
         except redis.RedisError as exc:
             log.warning("could not withdraw the holder lease of %s: %s", self.holder, exc)
 
-    def renew(self) -> list[tuple[str, int]]:
-        """Renew the lease and reap expired holders; returns (holder, messages restored)."""
+    def renew(self, fresh: bool = False) -> list[tuple[str, int]]:
+        """Renew the lease and reap expired holders; returns (holder, messages restored).
+
+        ``fresh``: the first renewal of this process, before it claimed anything.
+        """
         keys = self.keys
         reply: list[Any] = self._script(
             keys=[keys.holders(), keys.unacked(), keys.unacked_index(), keys.owners()],
             args=[self.holder, self.lease_ms, keys.held(""), keys.reaped(""), MAX_REAPED,
-                  MARKER_TTL_S, self.keep_ms])
+                  MARKER_TTL_S, self.keep_ms, "1" if fresh else "0"])
         marker = as_text(reply[0])
         if marker:
             self._declared_dead(marker)
         reaped = [(as_text(reply[i]), int(reply[i + 1])) for i in range(1, len(reply), 2)]
         for holder, count in reaped:
             self.restored += count
-            log.warning("worker %s stopped renewing its lease (cut off, frozen or dead): its "
-                        "%d held message(s) are back in their queue", holder, count)
+            if holder == self.holder:
+                log.warning("a dead worker of the same name (%s) held %d message(s): back in "
+                            "their queue", holder, count)
+            else:
+                log.warning("worker %s stopped renewing its lease (cut off, frozen or dead): "
+                            "its %d held message(s) are back in their queue", holder, count)
         return reaped
 
     def _declared_dead(self, marker: str) -> None:
