@@ -40,12 +40,15 @@ def why_unusable() -> str | None:
         return "the `ip` command (iproute2) is not installed"
     if os.geteuid() != 0:
         return "creating network namespaces (ip netns add) needs root"
-    probe = f"{NAME_PREFIX}{os.getpid()}-probe"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
-                          timeout=IP_TIMEOUT_S)
-    if made.returncode != 0:
-        return f"`ip netns add` failed here: {made.stderr.strip() or made.returncode}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=IP_TIMEOUT_S)
+    # Everything a bed needs, once: two namespaces, a bridge, a veth pair between them.
+    probe = NetBed(["probe"])
+    probe.tag += "-probe"
+    try:
+        probe.create()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        return f"a namespace, bridge or veth pair cannot be made here: {exc}"
+    finally:
+        probe.close()
     return None
 
 
