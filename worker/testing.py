@@ -158,9 +158,9 @@ class InProcessWorker:
         """Take up to ``count`` queued messages and hand them to the service; how many."""
         keys, route = self.settings.keys, self.spec.route
         queues = [keys.lane_queue_key(route, lane) for lane in LANES]
-        reply = self.client.eval(CLAIM_SCRIPT, 3 + len(queues), keys.unacked(),
-                                 keys.unacked_index(), keys.bell(route), *queues,
-                                 repr(time.time()), count)
+        reply = self.client.eval(CLAIM_SCRIPT, 5 + len(queues), keys.unacked(),
+                                 keys.unacked_index(), keys.bell(route), keys.owners(),
+                                 keys.held(""), *queues, repr(time.time()), count)
         claimed = [reply[i:i + 3] for i in range(1, len(reply), 3)]
         for key, item, _recorded in claimed:
             self._hand_over(as_text(key), item)

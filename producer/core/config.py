@@ -130,7 +130,8 @@ class Settings(BaseSettings):
     drop_read_results: bool = False
     #: Default deadline of a job, and of a caller's wait for it.
     default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    #: Messages a dead worker held are redelivered after this long. Live workers renew the
+    #: Messages a dead worker held are redelivered after this long, unless a live worker
+    #: handed them over first (heartbeat_s). Live workers renew the
     #: lease of every message they hold, so a long or long-queued job is never run twice.
     visibility_timeout_s: Annotated[int, Field(ge=2)] = 300
     #: A job started this many times without finishing (its workers died) is a poison
@@ -142,6 +143,8 @@ class Settings(BaseSettings):
     retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
     #: Fault injection for pipeq's own fault tests (pipeq.worker.ops.faults); never in production.
     faults: str | None = None
+    #: Workers announce themselves and renew their holder lease this often: a worker silent
+    #: for 3 beats is gone, and live workers hand its messages over (within 4 beats).
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     #: How long a stopping worker (SIGTERM) waits for the jobs in hand before it exits,
     #: leaving what did not finish to be redelivered.

@@ -82,6 +82,24 @@ class Keys:
         """kombu's hash of delivered, not yet acknowledged messages (delivery tag -> message)."""
         return self.broker_prefix + "unacked"
 
+    def holders(self) -> str:
+        """Sorted set of the workers holding messages, scored by when their lease expires
+        (Redis's clock, ms): a holder past it has its messages handed over."""
+        return f"{self.prefix}:holders"
+
+    def owners(self) -> str:
+        """Hash of held messages: delivery tag -> the holder that claimed it last."""
+        return f"{self.prefix}:owners"
+
+    def held(self, holder: str) -> str:
+        """Hash of the messages one holder claimed: delivery tag -> where it came from."""
+        return f"{self.prefix}:held:{holder}"
+
+    def reaped(self, holder: str) -> str:
+        """Set when a holder's lease expired and its messages were handed over: the holder
+        learns of it when it reaches Redis again."""
+        return f"{self.prefix}:reaped:{holder}"
+
     def task_name(self, route: Route) -> str:
         """The Celery task name of a route; carries the route so Flower can group by it."""
         return f"pipeq.run[{route.id}]"

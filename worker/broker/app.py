@@ -11,7 +11,12 @@ from pipeq.core.celery_config import make_celery
 from pipeq.core.config import Settings
 from pipeq.worker.broker.events import CeleryBridge
 from pipeq.worker.broker.strategy import LoopSettler, job_strategy
-from pipeq.worker.broker.transport import FAULTS_OPTION, PREFIX_OPTION, TRANSPORT_NAME
+from pipeq.worker.broker.transport import (
+    FAULTS_OPTION,
+    HOLDER_OPTION,
+    PREFIX_OPTION,
+    TRANSPORT_NAME,
+)
 from pipeq.worker.service import RouteService
 
 
@@ -22,7 +27,7 @@ def build_app(settings: Settings, redis_url: str, service: RouteService, settler
     app.conf.broker_transport = TRANSPORT_NAME  # pipeq.worker.broker.transport
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options, PREFIX_OPTION: settings.queue_prefix,
-        FAULTS_OPTION: settings.faults or ""}
+        FAULTS_OPTION: settings.faults or "", HOLDER_OPTION: service.hostname}
 
     def never_runs(**_: Any) -> None:
         """Jobs run in pipeq's batcher, never as a Celery task body (see broker.strategy)."""
