@@ -99,3 +99,13 @@ class JobExpired(JobFailed):
 
     def __init__(self, job_id: str, message: str = "the job's deadline passed while queued"):
         super().__init__(job_id, "JobExpired", message)
+
+
+class StreamError(PipeqError):
+    """Raised when a job's streamed text cannot be read as one coherent text; the job goes
+    on, and ``job.result()`` still gives its final result."""
+
+
+class StreamNotSupported(ValidationError):
+    """Raised when streaming is asked of a job that cannot stream (not text generation,
+    or beam search); nothing was enqueued."""

@@ -137,12 +137,17 @@ class Settings(BaseSettings):
     queue_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pipeq"
     #: How long job records (results, errors) stay in Redis.
     result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+    #: Entries a streaming job's Redis Stream keeps (``remote.stream()``): about one per
+    #: word of generated text; older ones are trimmed (a reader that keeps up never misses
+    #: any, a late one is told to read the result instead).
+    stream_maxlen: Annotated[int, Field(ge=100)] = 10_000
     #: Drop a job's result from Redis once ``job.result()`` has read it (the state stays until
     #: the record expires): Redis then holds results only until their callers read them.
     drop_read_results: bool = False
     #: Default deadline of a job, and of a caller's wait for it.
     default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    #: Messages a dead worker held are redelivered after this long. Live workers renew the
+    #: Messages a dead worker held are redelivered after this long, unless a live worker
+    #: handed them over first (heartbeat_s). Live workers renew the
     #: lease of every message they hold, so a long or long-queued job is never run twice.
     visibility_timeout_s: Annotated[int, Field(ge=2)] = 300
     #: A job started this many times without finishing (its workers died) is a poison
@@ -154,6 +159,8 @@ class Settings(BaseSettings):
     retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
     #: Fault injection for pipeq's own fault tests (pipeq.worker.ops.faults); never in production.
     faults: str | None = None
+    #: Workers announce themselves and renew their holder lease this often: a worker silent
+    #: for 3 beats is gone, and live workers hand its messages over (within 4 beats).
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     #: How long a stopping worker (SIGTERM) waits for the jobs in hand before it exits,
     #: leaving what did not finish to be redelivered.
@@ -263,6 +270,10 @@ class Settings(BaseSettings):
         if given and self.redis_password and given != self.redis_password.get_secret_value():
             raise ValueError("PIPEQ_REDIS_URL carries a password and PIPEQ_REDIS_PASSWORD "
                              "another: set it in one place")
+        # A WAIT outlasting the socket timeout (the connect timeout) would be taken for a lost
+        # connection, and the job published twice.
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.connect_timeout_s * 1000:
+            raise ValueError("PIPEQ_REDIS_WAIT_TIMEOUT_MS must be below PIPEQ_CONNECT_TIMEOUT_S")
         return self
 
     @field_validator("url_allow_networks")

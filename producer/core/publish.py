@@ -47,7 +47,9 @@ def task_message(request: JobRequest, task_name: str, queue: str, summary: str) 
     ``summary`` is what Flower shows as the task's arguments (never the inputs themselves:
     they may be private, and large).
     """
-    body = json.dumps([[], {"request": request.model_dump(mode="json")}, _EMBED])
+    # ``stream`` only when set: a message of an ordinary job is what it always was.
+    wire = request.model_dump(mode="json", exclude=None if request.stream else {"stream"})
+    body = json.dumps([[], {"request": wire}, _EMBED])
     job_id = request.job_id
     headers: dict[str, Any] = {
         "lang": "py", "task": task_name, "id": job_id, "shadow": None, "eta": None,

@@ -104,18 +104,9 @@ def route_queue_names(settings: Settings) -> list[str]:
 def async_sentinel_client(settings: Settings) -> Any:
     """An asyncio client (Flower's kind) of the master the deployment's sentinels name,
     asking each sentinel in turn, with the sentinels' password and TLS settings."""
-    from redis.asyncio.sentinel import Sentinel
+    from pipeq.core.redis_io import async_connect
 
-    from pipeq.core.redis_io import sentinel_options
-    from pipeq.core.sentinel import parse_sentinel_url
-
-    target = parse_sentinel_url(settings.redis_url_value())
-    asking, serving = sentinel_options(
-        password=settings.redis_password_value(),
-        sentinel_password=settings.sentinel_password_value(), tls=settings.sentinel_tls,
-        ssl_cert_reqs=settings.redis_ssl_cert_reqs, connect_timeout_s=2, socket_timeout_s=2)
-    manager = Sentinel(list(target.sentinels), sentinel_kwargs=asking, **serving)
-    return manager.master_for(target.master, db=target.db)
+    return async_connect(settings, connect_timeout_s=2, socket_timeout_s=2)
 
 
 def _show_route_queues(flower_app: Any, settings: Settings) -> None:

@@ -144,3 +144,11 @@ def test_a_worker_refuses_redis_cluster_and_a_bare_sentinel_saying_what_to_use()
     assert "use Sentinel, or one Redis per group of routes" in cluster
     sentinel = unsupported_redis(ServerInfo("sentinel"))
     assert sentinel is not None and EXPECTED_FORM.replace("NAME", "") in sentinel
+
+
+def test_a_replica_wait_must_end_before_the_connect_timeout() -> None:
+    with pytest.raises(ConfigError, match="WAIT_TIMEOUT_MS must be below PIPEQ_CONNECT_TIMEOUT_S"):
+        load_settings(redis_wait_replicas=1, redis_wait_timeout_ms=2000, connect_timeout_s=2,
+                      routes_file="/nonexistent")
+    assert settings(redis_wait_replicas=1, redis_wait_timeout_ms=1999,
+                    connect_timeout_s=2).redis_wait_timeout_ms == 1999

@@ -14,6 +14,7 @@ from pipeq.worker.broker.events import CeleryBridge
 from pipeq.worker.broker.strategy import LoopSettler, job_strategy
 from pipeq.worker.broker.transport import (
     FAULTS_OPTION,
+    HOLDER_OPTION,
     PREFIX_OPTION,
     SENTINEL_TRANSPORT_NAME,
     TRANSPORT_NAME,
@@ -34,7 +35,7 @@ def build_app(settings: Settings, redis_url: str, service: RouteService, settler
         app.conf.broker_url = app.conf.broker_url.split(";")[0]
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options, PREFIX_OPTION: settings.queue_prefix,
-        FAULTS_OPTION: settings.faults or ""}
+        FAULTS_OPTION: settings.faults or "", HOLDER_OPTION: service.hostname}
 
     def never_runs(**_: Any) -> None:
         """Jobs run in pipeq's batcher, never as a Celery task body (see broker.strategy)."""

@@ -48,6 +48,7 @@ SENTINEL_TRANSPORT_NAME = "pipeq-sentinel"
 #: Transport options carrying what the channel needs to know about the deployment.
 PREFIX_OPTION = "pipeq_prefix"
 FAULTS_OPTION = "pipeq_faults"
+HOLDER_OPTION = "pipeq_holder"
 #: How a control reply queue's name ends (kombu's pidbox: ``<client oid>.reply.celery.pidbox``).
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 #: How long an unread control reply stays in Redis: clients wait seconds for replies (Flower
@@ -88,8 +89,10 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options
         self.keys = Keys(options.get(PREFIX_OPTION, "pipeq"))
+        self.holder = str(options.get(HOLDER_OPTION) or "")
         # An unprefixed client on the channel's pool: pipeq's own keys carry no broker prefix.
-        self.dead_letters = DeadLetters(redis.Redis(connection_pool=self.pool), self.keys)
+        self.plain_client = redis.Redis(connection_pool=self.pool)
+        self.dead_letters = DeadLetters(self.plain_client, self.keys)
         faults = options.get(FAULTS_OPTION)
         self.faults = FaultInjector(faults) if faults else None
 
