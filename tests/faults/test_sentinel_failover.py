@@ -37,7 +37,7 @@ from tiny_models import CORPUS
 
 from pipeq import Job, RemotePipeline, pipeline
 from pipeq.core.celery_config import make_celery
-from pipeq.core.redis_io import connect
+from pipeq.core.redis_io import async_connect, connect
 from pipeq.errors import (
     JobFailed,
     JobLost,
@@ -291,6 +291,15 @@ def _operators_tools_follow_the_new_master(dep: Deployment, remote: RemotePipeli
             await client.aclose()
 
     assert asyncio.run(flower_queue_depth()) == 0
+
+    async def stream_reader_connection() -> bool:  # what job.astream() reads text with
+        client = async_connect(dep.settings, single_connection_client=True)
+        try:
+            return bool(await client.ping())
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(stream_reader_connection())
     # A worker given a sentinel's address as a plain redis:// URL refuses it, saying why.
     problem = unsupported_redis(sentinels.sentinel(0))
     assert problem is not None and "sentinel://" in problem
