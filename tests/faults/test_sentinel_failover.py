@@ -9,7 +9,8 @@ it by themselves. Every job is then accounted for, per producer group: answered 
 the local pipeline), wrong, lost, ran twice; plus submits refused with an error (the caller
 is told: not lost), the failover pause (kill to the first job submitted after the kill being
 answered) and what WAIT costs a submit. The figures are printed (``pytest -s``) for the
-README's table.
+README's table. A second test makes the replica fall behind before the kill, to show what
+asynchronous replication loses and that callers are told.
 """
 
 from __future__ import annotations
