@@ -8,6 +8,7 @@ worker runs, minus Celery and the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -21,11 +22,21 @@ from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.redis_guard import RedisGuard
 from pipeq.worker.service import RouteService
 
+if TYPE_CHECKING:
+    from pipeq.worker.batching.continuous import SinkFactory
+    from pipeq.worker.model.generation import ContinuousEngine
+
 
 def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname: str,
              runners: Sequence[PipelineRunner], *, call_overhead: float | None = None,
-             middleware: Sequence[Middleware] = ()) -> RouteService:
-    """The route's service, with its batcher attached (not yet started)."""
+             middleware: Sequence[Middleware] = (), engine: ContinuousEngine | None = None,
+             streams: SinkFactory | None = None) -> RouteService:
+    """The route's service, with its batcher attached (not yet started).
+
+    ``engine``: a started continuous batching engine (``batching = "continuous"`` routes that
+    it serves); the static batcher then runs only the jobs it cannot honour. ``streams``:
+    where continuous jobs' text goes as it grows (``batching.continuous.TextSink``).
+    """
     hooks = Hooks(middleware)
     store = JobStore(client, settings.keys, settings.result_ttl_s)
     media = media_policy(spec, settings)
@@ -33,7 +44,13 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
                            run_timeout_s=spec.timeout_s, guard=RedisGuard())
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
                          call_overhead, settings.max_retries, settings.retry_backoff_s)
-    service.attach(MicroBatcher(runners, policy, service, hooks))
+    static = MicroBatcher(runners, policy, service, hooks)
+    if engine is None:
+        service.attach(static)
+    else:
+        from pipeq.worker.batching.continuous import ContinuousBatcher
+
+        service.attach(ContinuousBatcher(engine, static, service, hooks, streams))
     return service
 
 

@@ -77,6 +77,30 @@ class JobSink(Protocol):
         """Jobs were not started because the worker stops: hand their messages back."""
 
 
+class Batcher(Protocol):
+    """What the route service drives: :class:`MicroBatcher`, or the continuous batcher of
+    text-generation routes (``pipeq.worker.batching.continuous``)."""
+
+    @property
+    def alive(self) -> bool:
+        """True while every thread of the batcher runs."""
+
+    def start(self) -> None:
+        """Start the batcher's threads."""
+
+    def begin_shutdown(self) -> None:
+        """Start no more jobs; unstarted ones are handed back (``JobSink.return_jobs``)."""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the work in hand, then stop the threads."""
+
+    def submit(self, job: JobInFlight) -> None:
+        """Run every input of ``job``; ``job.done`` is set when it ends."""
+
+    def end_early(self, failures: list[Failure]) -> None:
+        """End jobs before all their inputs ran, with their failures."""
+
+
 class MicroBatcher:
     """Gathers inputs of many jobs into batched pipeline calls, run by one thread per runner.
 
