@@ -1,0 +1,172 @@
+"""Continuous batching (``pipeq worker --batching continuous``) with real workers.
+
+Tiny GPT-2 and Llama-style models, each served by a real worker process with continuous
+batching; every result is compared with ``transformers.pipeline()`` in this process. Jobs
+that arrive while others decode join the running batch (they end before the long ones),
+and jobs the continuous engine cannot honour still run, on the static path, with the same
+results as the local pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from compare import assert_same
+from conftest import Deployment, wait_until
+from tiny_models import build_generation_model, build_text_model
+
+from pipeq.core.config import RouteSpec
+
+PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog.", "a",
+           "Once upon a time there was a little robot who wanted to learn."]
+GREEDY = {"do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def served(module_deployment: Deployment, models_dir: Path) -> dict[str, str]:
+    """A continuous-batching worker per architecture; returns arch -> model directory."""
+    paths = {"gpt2": str(build_text_model("text-generation", models_dir)),
+             "llama": str(build_generation_model(models_dir, "llama"))}
+    workers = [module_deployment.start_worker("text-generation", path, "--batching",
+                                              "continuous", ready=False)
+               for path in paths.values()]
+    for worker in workers:
+        worker.wait_ready()
+        assert "continuous batching" in worker.log(), worker.log()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def local(served: dict[str, str]) -> dict[str, Any]:
+    """The local truth: plain transformers.pipeline() per architecture."""
+    return {arch: transformers.pipeline("text-generation", model=path)
+            for arch, path in served.items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize(("inputs", "params"), [
+    (PROMPTS[1], {"max_new_tokens": 12}),
+    (PROMPTS, {"max_new_tokens": 7}),
+    (PROMPTS[0], {"max_new_tokens": 5, "return_full_text": False}),
+], ids=["single", "list", "new-text"])
+def test_greedy_results_equal_local(module_deployment: Deployment, served: dict[str, str],
+                                    local: dict[str, Any], arch: str, inputs: Any,
+                                    params: dict[str, Any]) -> None:
+    remote = module_deployment.remote("text-generation", served[arch])
+    got = remote(inputs, timeout=60, **GREEDY, **params)
+    assert_same(got, local[arch](inputs, **GREEDY, **params))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_concurrent_jobs_of_mixed_lengths_equal_local(
+        module_deployment: Deployment, served: dict[str, str], local: dict[str, Any],
+        arch: str) -> None:
+    remote = module_deployment.remote("text-generation", served[arch])
+    cases = [(PROMPTS[i % len(PROMPTS)], 4 + (i * 13) % 60) for i in range(16)]
+    jobs = [remote.submit(prompt, max_new_tokens=n, **GREEDY) for prompt, n in cases]
+    for job, (prompt, n) in zip(jobs, cases, strict=True):
+        assert_same(job.result(timeout=120), local[arch](prompt, max_new_tokens=n, **GREEDY))
+
+
+def test_jobs_join_while_a_long_one_decodes(module_deployment: Deployment,
+                                            served: dict[str, str],
+                                            local: dict[str, Any]) -> None:
+    """Short jobs sent while a long one decodes start after it and end before it."""
+    remote = module_deployment.remote("text-generation", served["gpt2"])
+    ended: dict[str, float] = {}
+
+    def wait(job: Any) -> Any:
+        result = job.result(timeout=120)
+        ended[job.id] = time.monotonic()
+        return result
+
+    with ThreadPoolExecutor(8) as pool:
+        long_job = remote.submit(PROMPTS[0], max_new_tokens=480, **GREEDY)
+        long_result = pool.submit(wait, long_job)
+        wait_until(lambda: long_job.status() == "STARTED", 30, "the long job to start")
+        short_jobs = [remote.submit(PROMPTS[i % 4], max_new_tokens=4, **GREEDY)
+                      for i in range(4)]
+        short_results = [pool.submit(wait, job) for job in short_jobs]
+        for job, future in zip(short_jobs, short_results, strict=True):
+            assert_same(future.result(), local["gpt2"](job_prompt(job, short_jobs),
+                                                       max_new_tokens=4, **GREEDY))
+        assert long_job.status() == "STARTED", "the long job ended before the short ones"
+        assert_same(long_result.result(), local["gpt2"](PROMPTS[0], max_new_tokens=480,
+                                                        **GREEDY))
+    started = {job.id: float(module_deployment.redis.hget(
+        f"{module_deployment.prefix}:job:{job.id}", "started_at") or 0)
+        for job in [long_job, *short_jobs]}
+    for job in short_jobs:
+        assert started[job.id] > started[long_job.id]
+        assert ended[job.id] < ended[long_job.id]
+
+
+def job_prompt(job: Any, jobs: list[Any]) -> str:
+    """The prompt a short job of the test above was sent with."""
+    return PROMPTS[jobs.index(job) % 4]
+
+
+@pytest.mark.parametrize(("inputs", "params"), [
+    ([PROMPTS[0], PROMPTS[1]], {"max_new_tokens": 4, "do_sample": False, "num_beams": 2,
+                                "num_return_sequences": 2}),
+    (PROMPTS[1], {"max_new_tokens": 5, "do_sample": False, "repetition_penalty": 1.5}),
+], ids=["beams", "repetition-penalty"])
+def test_calls_it_cannot_honour_run_statically(module_deployment: Deployment,
+                                               served: dict[str, str], local: dict[str, Any],
+                                               inputs: Any, params: dict[str, Any]) -> None:
+    remote = module_deployment.remote("text-generation", served["gpt2"])
+    assert_same(remote(inputs, timeout=60, **params), local["gpt2"](inputs, **params))
+    worker = module_deployment.workers[0]
+    assert "runs on the static path" in worker.log()
+
+
+def test_sampling_runs_statically(module_deployment: Deployment,
+                                  served: dict[str, str]) -> None:
+    """The pipeline's default (sampling) still works on a continuous route."""
+    remote = module_deployment.remote("text-generation", served["llama"])
+    got = remote([PROMPTS[0], PROMPTS[2]], max_new_tokens=3, timeout=60)
+    assert [len(g) for g in got] == [1, 1]
+    assert got[0][0]["generated_text"].startswith(PROMPTS[0])
+    assert "sampling" in "".join(w.log() for w in module_deployment.workers)
+
+
+def test_concurrent_threads_share_one_route(module_deployment: Deployment,
+                                            served: dict[str, str],
+                                            local: dict[str, Any]) -> None:
+    remote = module_deployment.remote("text-generation", served["llama"])
+    errors: list[BaseException] = []
+
+    def call(n: int) -> None:
+        try:
+            prompt = PROMPTS[n % 4]
+            assert_same(remote(prompt, max_new_tokens=3 + n, timeout=60, **GREEDY),
+                        local["llama"](prompt, max_new_tokens=3 + n, **GREEDY))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+
+
+def test_continuous_needs_text_generation() -> None:
+    with pytest.raises(ValueError, match="text-generation routes only"):
+        RouteSpec(task="text-classification", model="m", batching="continuous")
+
+
+def test_worker_refuses_continuous_for_other_tasks(deployment: Deployment,
+                                                   models_dir: Path) -> None:
+    path = str(build_text_model("text-classification", models_dir))
+    worker = deployment.start_worker("text-classification", path, "--batching", "continuous",
+                                     ready=False)
+    assert worker.wait_exit(60) == 2
+    assert "text-generation routes only" in worker.log()
