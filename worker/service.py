@@ -31,8 +31,7 @@ from pipeq.core.params import validate_params
 from pipeq.core.store import JobStore, Outcome
 from pipeq.core.validation import InputLimits, check_inputs
 from pipeq.errors import ValidationError
-from pipeq.worker.batching.batcher import Batcher, Failure
-from pipeq.worker.batching.jobs import Delivery, Ended, JobInFlight
+from pipeq.worker.batching.jobs import Batcher, Delivery, Ended, Failure, JobInFlight
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.media import BudgetClosed, MediaPolicy, MediaResolver
 from pipeq.worker.redis_guard import RedisGuard

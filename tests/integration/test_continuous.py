@@ -9,6 +9,7 @@ results as the local pipeline.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -170,3 +171,21 @@ def test_worker_refuses_continuous_for_other_tasks(deployment: Deployment,
                                      ready=False)
     assert worker.wait_exit(60) == 2
     assert "text-generation routes only" in worker.log()
+
+
+def test_warm_shutdown_finishes_the_running_batch(deployment: Deployment, models_dir: Path
+                                                  ) -> None:
+    """SIGTERM while a job decodes: it ends with its full result and the worker exits 0;
+    a job sent meanwhile waits in the queue for the next worker."""
+    path = str(build_text_model("text-generation", models_dir))
+    worker = deployment.start_worker("text-generation", path, "--batching", "continuous")
+    remote = deployment.remote("text-generation", path)
+    running = remote.submit(PROMPTS[0], max_new_tokens=480, **GREEDY)
+    wait_until(lambda: running.status() == "STARTED", 30, "the job to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait_exit(60) == 0, worker.log()
+    local = transformers.pipeline("text-generation", model=path)
+    assert_same(running.result(timeout=5), local(PROMPTS[0], max_new_tokens=480, **GREEDY))
+    queued = remote.submit(PROMPTS[1], max_new_tokens=5, require_worker=False, **GREEDY)
+    deployment.start_worker("text-generation", path, "--batching", "continuous")
+    assert_same(queued.result(timeout=60), local(PROMPTS[1], max_new_tokens=5, **GREEDY))

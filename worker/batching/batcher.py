@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.jobs import JobInFlight, Slot, input_length
+from pipeq.worker.batching.jobs import Failure, JobInFlight, Slot, input_length
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
@@ -59,10 +59,6 @@ class BatchPolicy:
     retry_backoff_s: float = 0.5
 
 
-#: A job to end early, its final state, error type and message.
-Failure = tuple[JobInFlight, JobState, str, str]
-
-
 class JobSink(Protocol):
     """What the batcher tells about jobs (the route service implements it)."""
 
@@ -75,30 +71,6 @@ class JobSink(Protocol):
 
     def return_jobs(self, jobs: list[JobInFlight]) -> None:
         """Jobs were not started because the worker stops: hand their messages back."""
-
-
-class Batcher(Protocol):
-    """What the route service drives: :class:`MicroBatcher`, or the continuous batcher of
-    text-generation routes (``pipeq.worker.batching.continuous``)."""
-
-    @property
-    def alive(self) -> bool:
-        """True while every thread of the batcher runs."""
-
-    def start(self) -> None:
-        """Start the batcher's threads."""
-
-    def begin_shutdown(self) -> None:
-        """Start no more jobs; unstarted ones are handed back (``JobSink.return_jobs``)."""
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the work in hand, then stop the threads."""
-
-    def submit(self, job: JobInFlight) -> None:
-        """Run every input of ``job``; ``job.done`` is set when it ends."""
-
-    def end_early(self, failures: list[Failure]) -> None:
-        """End jobs before all their inputs ran, with their failures."""
 
 
 class MicroBatcher:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.batcher import Failure, JobSink, MicroBatcher
-from pipeq.worker.batching.jobs import JobInFlight
+from pipeq.worker.batching.batcher import JobSink, MicroBatcher
+from pipeq.worker.batching.jobs import Failure, JobInFlight
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.generation import (
     ContinuousEngine,
