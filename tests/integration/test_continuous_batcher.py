@@ -142,3 +142,29 @@ def test_incremental_text_holds_back_half_characters() -> None:
     stream = IncrementalText(lambda tokens: texts[len(tokens)])
     pieces = [stream.update([0] * n, final=n == 4) for n in (1, 2, 3, 4)]
     assert pieces == ["caf", "é", " au", " lait"]
+
+
+def test_a_failing_generation_loop_fails_its_jobs_and_starts_again(batcher: Any,
+                                                                   pipe: Any) -> None:
+    """An out-of-memory error inside a decoding step kills transformers' loop: the jobs in
+    it fail with OutOfMemory (nothing hangs), the loop starts again, later jobs run."""
+    continuous, sinks, finished = batcher
+    manager = continuous.engine.manager
+    real_step = manager._generation_step
+
+    def out_of_memory() -> None:
+        manager._generation_step = real_step  # once
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    manager._generation_step = out_of_memory
+    doomed = _job(PROMPTS[:2], "doomed", max_new_tokens=50, do_sample=False)
+    continuous.submit(doomed)
+    assert doomed.done.wait(30)
+    assert doomed.outcome is not None and doomed.outcome.payload["type"] == "OutOfMemory"
+    later = _job(PROMPTS[1:2], "later", single=True, max_new_tokens=6, do_sample=False)
+    continuous.submit(later)
+    assert later.done.wait(30)
+    assert later.outcome is not None
+    assert later.outcome.payload == pipe(PROMPTS[1], max_new_tokens=6, do_sample=False)
+    assert continuous.alive
+    assert finished == ["doomed", "later"] and sinks["doomed"].ends == 1

@@ -170,7 +170,7 @@ class ContinuousBatcher:
                 self._admit(self._take_intake(block=not busy))
                 if busy:
                     self._deliver(self.engine.outputs(POLL_S))
-                    self._revive()
+                self._revive()
             except Exception:  # never let the driver die: fail the jobs in hand instead
                 log.exception("continuous batching failed unexpectedly")
                 self._fail_running("WorkerError", "the worker failed to run the job")
