@@ -23,19 +23,19 @@ from pipeq.worker.redis_guard import RedisGuard
 from pipeq.worker.service import RouteService
 
 if TYPE_CHECKING:
-    from pipeq.worker.batching.continuous import SinkFactory
+    from pipeq.worker.batching.textstreams import Streams
     from pipeq.worker.model.generation import ContinuousEngine
 
 
 def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname: str,
              runners: Sequence[PipelineRunner], *, call_overhead: float | None = None,
              middleware: Sequence[Middleware] = (), engine: ContinuousEngine | None = None,
-             streams: SinkFactory | None = None) -> RouteService:
+             streams: Streams | None = None) -> RouteService:
     """The route's service, with its batcher attached (not yet started).
 
     ``engine``: a started continuous batching engine (``batching = "continuous"`` routes that
     it serves); the static batcher then runs only the jobs it cannot honour. ``streams``:
-    where continuous jobs' text goes as it grows (``batching.continuous.TextSink``).
+    where continuous jobs' text goes as it grows (``batching.textstreams``).
     """
     hooks = Hooks(middleware)
     store = JobStore(client, settings.keys, settings.result_ttl_s)

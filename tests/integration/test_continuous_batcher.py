@@ -21,6 +21,7 @@ from pipeq.core.contract import JobRequest, JobState, Route
 from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.continuous import ContinuousBatcher
 from pipeq.worker.batching.jobs import JobInFlight
+from pipeq.worker.batching.textstreams import TextSinkStreams
 from pipeq.worker.model.generation import ContinuousEngine, IncrementalText
 from pipeq.worker.model.loader import prepare_for_batching
 from pipeq.worker.model.runner import PipelineRunner
@@ -70,7 +71,8 @@ def batcher(pipe: Any) -> Iterator[tuple[ContinuousBatcher, dict[str, RecordingS
     static = MicroBatcher([PipelineRunner(pipe)], BatchPolicy(max_batch_size=4, max_wait_ms=0),
                           sink)
     engine = ContinuousEngine.for_pipeline(pipe, max_requests=8)
-    continuous = ContinuousBatcher(engine, static, sink, streams=stream)
+    continuous = ContinuousBatcher(engine, static, sink,
+                                   streams=TextSinkStreams(stream, engine.decode))
     continuous.start()
     yield continuous, sinks, finished
     continuous.stop(10)

@@ -9,33 +9,29 @@ then messages settled), exactly as the static :class:`MicroBatcher` does. Jobs w
 the engine cannot honour (sampling, beams, num_return_sequences, other parameters, chat or
 empty inputs) go to the static batcher on the same model, and say so in the log.
 
-Streaming: ``streams(job)`` may give a :class:`TextSink` for a job; the batcher then puts
-each request's new text as it grows (``put(index of the input, piece)``; the pieces of one
-input join to its generated text) and calls ``end()`` once when the job ends, before its
-record is stored.
+Streaming (``batching.textstreams``): ``streams.open(job, index, plan)`` may give a stream
+for a prompt; the batcher pushes each decoding step's new tokens into it, flushes once per
+step, finishes it when the request ends and closes the job's streams when the job ends,
+before its record is stored. ``TextSinkStreams`` turns that into text pieces for a per-job
+``put(seq, text)`` / ``end()`` sink.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pipeq.core.contract import JobState
 from pipeq.worker.batching.batcher import JobSink, MicroBatcher
 from pipeq.worker.batching.jobs import Failure, JobInFlight
+from pipeq.worker.batching.textstreams import RequestStream, Streams
 from pipeq.worker.hooks import Middleware
-from pipeq.worker.model.generation import (
-    ContinuousEngine,
-    GenerationPlan,
-    IncrementalText,
-    continuous_plan,
-)
+from pipeq.worker.model.generation import ContinuousEngine, GenerationPlan, continuous_plan
 from pipeq.worker.model.runner import shape_result
 
 log = logging.getLogger("pipeq.batcher")
@@ -46,20 +42,6 @@ POLL_S = 0.005
 IDLE_S = 0.1
 
 
-class TextSink(Protocol):
-    """Where a job's generated text goes as it grows (the streaming side implements it)."""
-
-    def put(self, seq: int, text: str) -> None:
-        """The next piece of sequence ``seq`` (the input's index in the job)."""
-
-    def end(self) -> None:
-        """The job ended (whatever its outcome): no more pieces."""
-
-
-#: Gives a job's text sink, or None when nobody streams it.
-SinkFactory = Callable[[JobInFlight], TextSink | None]
-
-
 @dataclass(eq=False, slots=True)
 class _Request:
     """One prompt of a job, running in the engine."""
@@ -68,7 +50,9 @@ class _Request:
     index: int
     prompt: str
     plan: GenerationPlan
-    text: IncrementalText | None
+    stream: RequestStream | None
+    #: How many of its tokens went into its stream.
+    pushed: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -77,7 +61,6 @@ class _Running:
 
     job: JobInFlight
     request_ids: list[str]
-    sink: TextSink | None
     started: float
 
 
@@ -85,7 +68,7 @@ class ContinuousBatcher:
     """Runs a route's greedy generation jobs continuously, the rest on ``fallback``."""
 
     def __init__(self, engine: ContinuousEngine, fallback: MicroBatcher, sink: JobSink,
-                 hooks: Middleware | None = None, streams: SinkFactory | None = None):
+                 hooks: Middleware | None = None, streams: Streams | None = None):
         self.engine = engine
         self.fallback = fallback
         self.sink = sink
@@ -211,16 +194,14 @@ class ContinuousBatcher:
     def _add(self, job: JobInFlight, plan: GenerationPlan) -> None:
         try:
             self.hooks.before_call(job.items)  # (fault injection raises here on purpose)
-            sink = self.streams(job) if self.streams is not None else None
-            running = _Running(job, [], sink, time.perf_counter())
+            running = _Running(job, [], time.perf_counter())
             with self._lock:
                 self._running[job.job_id] = running
             for index, prompt in enumerate(job.items):
                 request_id = f"{job.job_id}#{index}"
-                text = (IncrementalText(functools.partial(self.engine.decode, plan=plan))
-                        if sink is not None else None)
+                stream = self.streams.open(job, index, plan) if self.streams else None
                 with self._lock:
-                    self._requests[request_id] = _Request(job, index, prompt, plan, text)
+                    self._requests[request_id] = _Request(job, index, prompt, plan, stream)
                     running.request_ids.append(request_id)
                 self.engine.add(request_id, self.engine.encode(prompt), plan.max_new_tokens)
         except Exception as exc:
@@ -233,6 +214,7 @@ class ContinuousBatcher:
     def _deliver(self, outputs: list[Any]) -> None:
         """Feed streams with the outputs of a step; finish the jobs that are done."""
         done: list[JobInFlight] = []
+        streamed: dict[str, JobInFlight] = {}
         for output in outputs:
             with self._lock:
                 request = self._requests.get(output.request_id)
@@ -241,21 +223,27 @@ class ContinuousBatcher:
                 finished = output.is_finished()
                 if finished:
                     del self._requests[output.request_id]
+            if request.stream is not None:
+                streamed[request.job.job_id] = request.job
             if output.error is not None:
                 self._fail_request(request, str(output.error))
                 done.append(request.job)
             elif self._progress(request, list(output.generated_tokens), finished):
                 done.append(request.job)
+        if streamed and (streams := self.streams) is not None:
+            self._guarded(lambda: streams.flush(list(streamed.values())), "flush")
         self._finish(done)
 
     def _progress(self, request: _Request, tokens: list[int], finished: bool) -> bool:
         """Stream a request's new text; on its end keep its output. True if its job ended."""
         job = request.job
-        running = self._running.get(job.job_id)
-        if request.text is not None and running is not None and running.sink is not None:
-            piece = request.text.update(tokens, final=finished)
-            if piece:
-                running.sink.put(request.index, piece)
+        stream = request.stream
+        if stream is not None and job.outcome is None:
+            new, request.pushed = tokens[request.pushed:], len(tokens)
+            if new:
+                self._guarded(lambda: stream.push(new), "push to")
+            if finished:
+                self._guarded(stream.finish, "finish")
         if not finished:
             return False
         record = self.engine.record(request.prompt, tokens, request.plan)
@@ -311,16 +299,13 @@ class ContinuousBatcher:
                 job.finishing = True
         if not finished:
             return
+        if self.streams is not None:
+            streams = self.streams
+            self._guarded(lambda: streams.close(finished), "close")
         for job, running in zip(finished, runs, strict=True):
-            if running is None:
-                continue
-            if running.sink is not None:
-                try:
-                    running.sink.end()
-                except Exception:  # a stream never fails a job
-                    log.exception("could not end the stream of job %s", job.job_id)
-            self.hooks.after_call(len(job.items), time.perf_counter() - running.started,
-                                  [job.job_id])
+            if running is not None:
+                self.hooks.after_call(len(job.items), time.perf_counter() - running.started,
+                                      [job.job_id])
         try:
             self.sink.finish_jobs(finished)
         except Exception:  # never let the driver die; the messages stay unacked
@@ -329,3 +314,11 @@ class ContinuousBatcher:
         finally:
             for job in finished:
                 job.done.set()
+
+
+    def _guarded(self, action: Callable[[], None], what: str) -> None:
+        """Run a stream hook: a stream that fails never fails a job."""
+        try:
+            action()
+        except Exception:
+            log.exception("could not %s a text stream", what)
