@@ -9,6 +9,8 @@ results as the local pipeline.
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import threading
 import time
@@ -189,3 +191,24 @@ def test_warm_shutdown_finishes_the_running_batch(deployment: Deployment, models
     queued = remote.submit(PROMPTS[1], max_new_tokens=5, require_worker=False, **GREEDY)
     deployment.start_worker("text-generation", path, "--batching", "continuous")
     assert_same(queued.result(timeout=60), local(PROMPTS[1], max_new_tokens=5, **GREEDY))
+
+
+def test_a_model_it_cannot_serve_falls_back_to_static_batching(deployment: Deployment,
+                                                               models_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """A generation config with a repetition penalty (a logits processor the manager may not
+    apply): the worker says so, serves the route statically, results equal the local ones."""
+    source = build_text_model("text-generation", models_dir)
+    path = tmp_path / "penalised"
+    shutil.copytree(source, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config,
+                                                             "repetition_penalty": 1.3}))
+    worker = deployment.start_worker("text-generation", str(path), "--batching", "continuous")
+    assert "continuous batching unavailable" in worker.log()
+    assert "RepetitionPenaltyLogitsProcessor" in worker.log()
+    assert "static batching" in worker.log()
+    remote = deployment.remote("text-generation", str(path))
+    local = transformers.pipeline("text-generation", model=str(path))
+    assert_same(remote(PROMPTS, max_new_tokens=6, timeout=60, **GREEDY),
+                local(PROMPTS, max_new_tokens=6, **GREEDY))
