@@ -83,6 +83,8 @@ class ContinuousBatcher:
         self._lock = threading.Lock()
         self._returning = threading.Event()
         self._stopping = threading.Event()
+        #: Set when stop() gave up waiting: what still runs is left unrecorded (redelivered).
+        self._halted = threading.Event()
         self._driver = threading.Thread(target=self._drive, name="pipeq-continuous",
                                         daemon=True)
 
@@ -107,6 +109,10 @@ class ContinuousBatcher:
         """Stop the driver (after the requests in hand), the engine and the static batcher."""
         self._stopping.set()
         self._driver.join(timeout)
+        # Jobs still running stay unrecorded and unacknowledged, so they are redelivered:
+        # the loop's stop fails its requests, which must not become FAILURE records.
+        self._halted.set()
+        self._driver.join(1.0)
         self.engine.stop()
         self.fallback.stop(timeout)
 
@@ -145,7 +151,7 @@ class ContinuousBatcher:
     # --- the driver thread --------------------------------------------------------------------
 
     def _drive(self) -> None:
-        while True:
+        while not self._halted.is_set():
             busy = bool(self._running)
             if self._stopping.is_set() and not busy and self._intake.empty():
                 return
@@ -215,6 +221,8 @@ class ContinuousBatcher:
         """Feed streams with the outputs of a step; finish the jobs that are done."""
         done: list[JobInFlight] = []
         streamed: dict[str, JobInFlight] = {}
+        if self._halted.is_set():
+            return
         for output in outputs:
             with self._lock:
                 request = self._requests.get(output.request_id)

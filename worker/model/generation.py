@@ -66,7 +66,10 @@ def continuous_plan(pipe: Any, params: dict[str, Any]) -> GenerationPlan | str:
     generate = {k: params[k] for k in ("max_new_tokens", "do_sample") if k in params}
     # The pipeline's own merge: call, model generation config, pipeline defaults (which
     # sample with max_new_tokens=256 unless told otherwise).
-    effective = pipe._get_set_generation_params(pipe._prepare_generate_kwargs(generate))
+    try:
+        effective = pipe._get_set_generation_params(pipe._prepare_generate_kwargs(generate))
+    except AttributeError:  # (private helpers of transformers 5's pipelines)
+        return "this transformers version's pipeline does not say its generation defaults"
     if effective.get("do_sample"):
         return ("sampling (do_sample=True, the text-generation pipeline's default) is not "
                 "continuous: pass do_sample=False for greedy decoding")
