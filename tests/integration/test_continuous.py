@@ -212,3 +212,31 @@ def test_a_model_it_cannot_serve_falls_back_to_static_batching(deployment: Deplo
     local = transformers.pipeline("text-generation", model=str(path))
     assert_same(remote(PROMPTS, max_new_tokens=6, timeout=60, **GREEDY),
                 local(PROMPTS, max_new_tokens=6, **GREEDY))
+
+
+def test_sigkill_mid_decoding_loses_nothing_and_records_once(redis_url: str,
+                                                             models_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """A worker killed while its batch decodes: its messages come back after the visibility
+    timeout, a new worker runs them, each job has one result equal to the local one."""
+    dep = Deployment(redis_url, tmp_path, visibility_timeout_s=4)
+    try:
+        path = str(build_text_model("text-generation", models_dir))
+        first = dep.start_worker("text-generation", path, "--batching", "continuous")
+        remote = dep.remote("text-generation", path)
+        cases = [(PROMPTS[i % 4], 300 + 20 * i) for i in range(6)]
+        jobs = [remote.submit(prompt, max_new_tokens=n, **GREEDY) for prompt, n in cases]
+        jobs.append(remote.submit(PROMPTS, max_new_tokens=200, **GREEDY))
+        wait_until(lambda: all(j.status() == "STARTED" for j in jobs), 30, "jobs to start")
+        first.proc.send_signal(signal.SIGKILL)
+        assert first.wait_exit(30) == -signal.SIGKILL
+        assert not any(j.status() == "SUCCESS" for j in jobs), "the batch ended before the kill"
+        dep.start_worker("text-generation", path, "--batching", "continuous")
+        local = transformers.pipeline("text-generation", model=path)
+        for job, (prompt, n) in zip(jobs, cases, strict=False):
+            assert_same(job.result(timeout=120), local(prompt, max_new_tokens=n, **GREEDY))
+        assert_same(jobs[-1].result(timeout=120), local(PROMPTS, max_new_tokens=200, **GREEDY))
+        stats = dep.redis.hgetall(dep.settings.keys.route_stats(remote.route))
+        assert int(stats[b"jobs:SUCCESS"]) == len(jobs)  # each job stored once
+    finally:
+        dep.close()
