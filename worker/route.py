@@ -44,12 +44,14 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
                            run_timeout_s=spec.timeout_s, guard=RedisGuard())
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
                          call_overhead, settings.max_retries, settings.retry_backoff_s)
-    static = MicroBatcher(runners, policy, service, hooks)
     if engine is None:
-        service.attach(static)
+        service.attach(MicroBatcher(runners, policy, service, hooks))
     else:
-        from pipeq.worker.batching.continuous import ContinuousBatcher
+        from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
 
+        # The static path's calls and the loop's steps take turns on the model.
+        exclusive = [ExclusiveRunner(runner, engine) for runner in runners]
+        static = MicroBatcher(exclusive, policy, service, hooks)
         service.attach(ContinuousBatcher(engine, static, service, hooks, streams))
     return service
 

@@ -19,7 +19,7 @@ from tiny_models import build_text_model
 
 from pipeq.core.contract import JobRequest, JobState, Route
 from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
-from pipeq.worker.batching.continuous import ContinuousBatcher
+from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.batching.textstreams import TextSinkStreams
 from pipeq.worker.model.generation import ContinuousEngine, IncrementalText
@@ -68,9 +68,9 @@ def batcher(pipe: Any) -> Iterator[tuple[ContinuousBatcher, dict[str, RecordingS
         return sinks.setdefault(job.job_id, RecordingSink())
 
     sink = CallbackSink(finish=finish)
-    static = MicroBatcher([PipelineRunner(pipe)], BatchPolicy(max_batch_size=4, max_wait_ms=0),
-                          sink)
     engine = ContinuousEngine.for_pipeline(pipe, max_requests=8)
+    static = MicroBatcher([ExclusiveRunner(PipelineRunner(pipe), engine)],
+                          BatchPolicy(max_batch_size=4, max_wait_ms=0), sink)
     continuous = ContinuousBatcher(engine, static, sink,
                                    streams=TextSinkStreams(stream, engine.decode))
     continuous.start()
@@ -170,3 +170,28 @@ def test_a_failing_generation_loop_fails_its_jobs_and_starts_again(batcher: Any,
     assert later.outcome.payload == pipe(PROMPTS[1], max_new_tokens=6, do_sample=False)
     assert continuous.alive
     assert finished == ["doomed", "later"] and sinks["doomed"].ends == 1
+
+
+def test_a_sequence_too_long_for_the_model_fails_alone_on_the_static_path(
+        batcher: Any, pipe: Any) -> None:
+    """Prompt + max_new_tokens over the model's 512 positions would break the running
+    batch's step for everyone: that job runs statically (and fails there, alone)."""
+    continuous, sinks, _ = batcher
+    fine = _job(PROMPTS[1:2], "fine", single=True, max_new_tokens=60, do_sample=False)
+    too_long = _job(["hello world " * 60], "too-long", single=True, max_new_tokens=450,
+                    do_sample=False)
+    continuous.submit(fine)
+    continuous.submit(too_long)
+    assert fine.done.wait(30) and too_long.done.wait(60)
+    assert fine.outcome is not None
+    assert fine.outcome.payload == pipe(PROMPTS[1], max_new_tokens=60, do_sample=False)
+    assert too_long.outcome is not None and too_long.outcome.state == JobState.FAILURE
+    with pytest.raises(IndexError):  # position 512 of a 512-position model
+        pipe("hello world " * 60, max_new_tokens=450, do_sample=False)
+    assert too_long.outcome.payload["type"] == "IndexError"
+    assert "too-long" not in sinks  # never joined the running batch
+    # The static call ran while the loop decoded "fine": they took turns on the model.
+    # Overlapping, transformers' forwards left the shared config.is_causal False for good
+    # (every later call then attended to future tokens).
+    assert getattr(pipe.model.config, "is_causal", None) is not False
+    assert pipe(PROMPTS[1], max_new_tokens=60, do_sample=False) == fine.outcome.payload

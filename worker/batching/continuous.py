@@ -32,7 +32,7 @@ from pipeq.worker.batching.jobs import Failure, JobInFlight
 from pipeq.worker.batching.textstreams import RequestStream, Streams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.generation import ContinuousEngine, GenerationPlan, continuous_plan
-from pipeq.worker.model.runner import shape_result
+from pipeq.worker.model.runner import PipelineRunner, shape_result
 
 log = logging.getLogger("pipeq.batcher")
 
@@ -62,6 +62,25 @@ class _Running:
     job: JobInFlight
     request_ids: list[str]
     started: float
+
+
+class ExclusiveRunner(PipelineRunner):
+    """A static-path runner whose calls pause the continuous loop (``engine.exclusive``):
+    two threads' forward passes on one model must not overlap."""
+
+    def __init__(self, runner: PipelineRunner, engine: ContinuousEngine):
+        super().__init__(runner.pipe)
+        self.inner = runner
+        self.engine = engine
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        """The inner runner's outputs, computed while the loop waits."""
+        with self.engine.exclusive():
+            return self.inner.run(items, params)
+
+    def free_memory(self) -> None:
+        """As the inner runner does."""
+        self.inner.free_memory()
 
 
 class ContinuousBatcher:
@@ -199,17 +218,24 @@ class ContinuousBatcher:
 
     def _add(self, job: JobInFlight, plan: GenerationPlan) -> None:
         try:
+            prompts = [self.engine.encode(prompt) for prompt in job.items]
+            longest = self.engine.max_sequence
+            if longest and max(map(len, prompts)) + plan.max_new_tokens > longest:
+                log.info("job %s runs on the static path: prompt + max_new_tokens over the "
+                         "%d tokens a continuous request may have here", job.job_id, longest)
+                self.fallback.submit(job)  # (started already: it just runs there)
+                return
             self.hooks.before_call(job.items)  # (fault injection raises here on purpose)
             running = _Running(job, [], time.perf_counter())
             with self._lock:
                 self._running[job.job_id] = running
-            for index, prompt in enumerate(job.items):
+            for index, (prompt, ids) in enumerate(zip(job.items, prompts, strict=True)):
                 request_id = f"{job.job_id}#{index}"
                 stream = self.streams.open(job, index, plan) if self.streams else None
                 with self._lock:
                     self._requests[request_id] = _Request(job, index, prompt, plan, stream)
                     running.request_ids.append(request_id)
-                self.engine.add(request_id, self.engine.encode(prompt), plan.max_new_tokens)
+                self.engine.add(request_id, ids, plan.max_new_tokens)
         except Exception as exc:
             log.info("job %s could not join the running batch: %s: %s", job.job_id,
                      type(exc).__name__, exc)

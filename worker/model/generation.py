@@ -15,11 +15,12 @@ request, and a sampled text could never equal the local pipeline's anyway.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,10 +116,13 @@ class ContinuousEngine:
     Build with :meth:`for_pipeline`; ``add`` requests, read ``outputs``; one thread reads.
     """
 
-    def __init__(self, pipe: Any, manager: Any):
+    def __init__(self, pipe: Any, manager: Any, max_sequence: int | None = None):
         self.pipe = pipe
         self.manager = manager
         self.tokenizer = pipe.tokenizer
+        #: Longest prompt + new tokens a request may have here (None: no limit known); a
+        #: longer one would fail the whole running batch's step, so it runs statically.
+        self.max_sequence = max_sequence
 
     @classmethod
     def for_pipeline(cls, pipe: Any, *, max_requests: int, max_step_tokens: int = 0
@@ -155,7 +159,7 @@ class ContinuousEngine:
         except Exception as exc:
             raise ContinuousUnsupported(f"transformers' manager failed to start: "
                                         f"{type(exc).__name__}: {exc}") from exc
-        engine = cls(instance, manager)
+        engine = cls(instance, manager, _longest_sequence(model, device))
         try:
             engine.check_warmup()
         except Exception:
@@ -177,7 +181,7 @@ class ContinuousEngine:
         if output is None or not output.is_finished() or output.error:
             why = output.error if output is not None else "no result within 60s"
             raise ContinuousUnsupported(f"the warm-up request failed: {why}")
-        with torch.inference_mode():
+        with torch.inference_mode(), self.exclusive():
             local = self.pipe(WARMUP_PROMPT, max_new_tokens=WARMUP_TOKENS, do_sample=False)
         mine = self.record(WARMUP_PROMPT, list(output.generated_tokens), GenerationPlan(
             WARMUP_TOKENS))
@@ -227,6 +231,27 @@ class ContinuousEngine:
         text = self.decode(tokens, plan)
         return {"generated_text": prompt + text if plan.full_text else text}
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model to the caller alone: the loop pauses after its current step, keeping
+        its requests, until the block ends (several callers may hold it at once).
+
+        Needed by every other call on the same model: transformers' forward sets the shared
+        ``config.is_causal`` for its duration (the loop's passes False), and two threads'
+        forwards interleaving left it False for good: every later call then attended to
+        future tokens (measured: the static path's results changed for the rest of the run).
+        """
+        try:
+            pause = self.manager.pause()
+            pause.__enter__()
+        except RuntimeError:  # no loop running: nothing to pause
+            yield
+            return
+        try:
+            yield
+        finally:
+            pause.__exit__(None, None, None)
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     @property
@@ -265,6 +290,14 @@ def _unsupported(pipe: Any, device: torch.device) -> str | None:
     return None
 
 
+def _longest_sequence(model: Any, device: torch.device) -> int | None:
+    """The model's maximum positions; on a CPU at most what the cache is sized for."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if device.type == "cpu":
+        return min(int(positions or CPU_SEQUENCE_BUDGET), CPU_SEQUENCE_BUDGET)
+    return int(positions) if positions else None
+
+
 def _cache_size(model: Any, device: torch.device, max_requests: int, max_step_tokens: int
                 ) -> dict[str, Any]:
     """The paged cache's size: on a CPU, room for ``max_requests`` sequences of up to
@@ -274,8 +307,7 @@ def _cache_size(model: Any, device: torch.device, max_requests: int, max_step_to
     if max_step_tokens:
         size["max_batch_tokens"] = max_step_tokens
     if device.type == "cpu":
-        positions = getattr(model.config, "max_position_embeddings", None) or CPU_SEQUENCE_BUDGET
-        longest = min(int(positions), CPU_SEQUENCE_BUDGET)
+        longest = _longest_sequence(model, device) or CPU_SEQUENCE_BUDGET
         size["num_blocks"] = max_requests * math.ceil(longest / PAGE_SIZE)
         size.setdefault("max_batch_tokens", CPU_STEP_TOKENS)
     else:
