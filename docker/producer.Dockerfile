@@ -3,9 +3,11 @@
 #   producer (default) - `pip install .`: submit jobs, `pipeq status`, ...
 #   monitor            - adds the `monitor` extra (Flower + prometheus-client) for
 #                        `pipeq flower` and `pipeq metrics`.
+#   gateway            - adds the `gateway` extra (FastAPI, uvicorn) for `pipeq gateway`.
 # Build from the repository root:
 #   docker build -f docker/producer.Dockerfile -t pipeq .
 #   docker build -f docker/producer.Dockerfile --target monitor -t pipeq-monitor .
+#   docker build -f docker/producer.Dockerfile --target gateway -t pipeq-gateway .
 
 FROM python:3.11-slim AS base
 
@@ -38,6 +40,16 @@ USER 10001:10001
 EXPOSE 5555 9808
 ENTRYPOINT ["pipeq"]
 CMD ["flower"]
+
+
+FROM base AS gateway
+USER 0
+# hadolint ignore=DL3013
+RUN pip install ".[gateway]" && rm -rf build ./*.egg-info
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["pipeq"]
+CMD ["gateway", "--host", "0.0.0.0", "--port", "8080"]
 
 
 # Last stage = default target of a plain `docker build`.

@@ -25,13 +25,13 @@ from pipeq.core.publish import Publisher
 from pipeq.core.redis_io import (
     CONNECTION_ERRORS,
     call_with_retry,
+    connect,
     is_redis_full,
-    redis_client,
 )
 from pipeq.core.registry import Registry
 from pipeq.core.secrets import mask_url
 from pipeq.core.store import JobStore
-from pipeq.errors import BrokerUnavailable
+from pipeq.errors import BrokerUnavailable, NotReplicated
 from pipeq.waiter import ResultWaiter
 
 log = logging.getLogger("pipeq.client")
@@ -42,7 +42,7 @@ T = TypeVar("T")
 class Client:
     """Connections shared by every remote pipeline of one deployment in this process."""
 
-    _instances: dict[tuple[str, str], Client] = {}
+    _instances: dict[tuple[str, str, int], Client] = {}
     _instances_lock = threading.Lock()
 
     def __init__(self, settings: Settings):
@@ -50,24 +50,29 @@ class Client:
         self.redis_url = settings.redis_url_value()
         log.info("pipeq producer using Redis at %s", mask_url(self.redis_url))
         timeout = settings.connect_timeout_s
-        self.redis = redis_client(self.redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                                  connect_timeout_s=timeout, socket_timeout_s=timeout + 5,
-                                  health_check_interval=10)
+        # A reply slower than the connect timeout counts as a lost connection: on a host cut
+        # off from Redis (packets vanish, nothing is refused) a call sent on an open
+        # connection would otherwise wait for its reply longer than the promised
+        # BrokerUnavailable (measured with connect+5 s: 7.0 s for a 2 s connect timeout).
+        self.redis = connect(settings, connect_timeout_s=timeout, socket_timeout_s=timeout,
+                             health_check_interval=10)
         # The waiter's own connection: it blocks in BLPOP for up to a second at a time.
-        blocking = redis_client(self.redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                                connect_timeout_s=timeout, socket_timeout_s=timeout + 5)
+        blocking = connect(settings, connect_timeout_s=timeout, socket_timeout_s=timeout + 5)
         self.keys = settings.keys
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.registry = Registry(self.redis, self.keys, settings.heartbeat_s)
-        self.publisher = Publisher(self.redis, self.keys)
+        self.publisher = Publisher(self.redis, self.keys,
+                                   wait_replicas=settings.redis_wait_replicas,
+                                   wait_timeout_ms=settings.redis_wait_timeout_ms)
         self.waiter = ResultWaiter(self.store, blocking, self.keys)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
     @staticmethod
-    def _identity(settings: Settings) -> tuple[str, str]:
+    def _identity(settings: Settings) -> tuple[str, str, int]:
         url = settings.redis_url.get_secret_value() if settings.redis_url else None
-        return repr(url), settings.queue_prefix
+        # Producers that wait for replicas and producers that do not publish differently.
+        return repr(url), settings.queue_prefix, settings.redis_wait_replicas
 
     @classmethod
     def for_settings(cls, settings: Settings | None = None) -> Client:
@@ -152,6 +157,8 @@ class Client:
                 f"Redis refused job {request.job_id}: it is full ({exc}). Nothing was "
                 "enqueued; free memory (results are kept PIPEQ_RESULT_TTL_S) or raise its "
                 "maxmemory, then submit again") from exc
+        except NotReplicated:
+            raise  # reached Redis: its message says what happened
         except BrokerUnavailable as exc:
             raise BrokerUnavailable(
                 f"cannot reach Redis at {mask_url(self.redis_url)} to enqueue job "

@@ -40,6 +40,15 @@ class BrokerUnavailable(RetryableError):
     """Raised when Redis cannot be reached after the bounded connection retry."""
 
 
+class NotReplicated(BrokerUnavailable):
+    """Raised when fewer replicas than PIPEQ_REDIS_WAIT_REPLICAS confirmed a submitted job in
+    time: it is queued on the primary, but a failover now could lose it."""
+
+    def __init__(self, message: str, *, job_id: str = ""):
+        self.job_id = job_id
+        super().__init__(message)
+
+
 class JobTimeout(RetryableError, TimeoutError):
     """Raised when a job's result did not arrive within the caller's timeout."""
 
@@ -90,3 +99,13 @@ class JobExpired(JobFailed):
 
     def __init__(self, job_id: str, message: str = "the job's deadline passed while queued"):
         super().__init__(job_id, "JobExpired", message)
+
+
+class StreamError(PipeqError):
+    """Raised when a job's streamed text cannot be read as one coherent text; the job goes
+    on, and ``job.result()`` still gives its final result."""
+
+
+class StreamNotSupported(ValidationError):
+    """Raised when streaming is asked of a job that cannot stream (not text generation,
+    or beam search); nothing was enqueued."""

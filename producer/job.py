@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ import redis
 
 from pipeq.core.contract import JobState, Route
 from pipeq.core.store import JobRecord
+from pipeq.core.streams import StreamPiece
 from pipeq.errors import (
     JobCancelled,
     JobExpired,
@@ -28,6 +29,7 @@ from pipeq.errors import (
     JobNotFound,
     JobTimeout,
     PipeqError,
+    StreamNotSupported,
     ValidationError,
 )
 
@@ -118,6 +120,45 @@ class Job:
                              job_id=self.id, waited_s=wait or 0.0) from None
         await self.client.offload(lambda: self._dropped_once_read(drop))
         return outcome(record)
+
+    def stream(self, timeout: float | None = None) -> Iterator[StreamPiece]:
+        """The job's generated text as it is made: :class:`~pipeq.core.streams.StreamPiece`
+        objects (``index``: the input, ``seq``: its returned sequence, ``text``: new text).
+
+        For a job submitted with ``stream=True`` (text generation). Joined per
+        ``(index, seq)``, the pieces are that sequence's generated text (without the
+        prompt). Stops when the job succeeds; raises its error (JobFailed, JobCancelled...)
+        when it does not, JobTimeout after ``timeout`` seconds (default
+        ``default_timeout_s``). A retry after a worker died never repeats text (see
+        ``pipeq.core.streams.TextAssembler``). Each call reads the stream from its start.
+        """
+        from pipeq.streaming import iterate
+
+        self._check_streamable()
+        return iterate(self, wait_seconds(self.client.settings.default_timeout_s, timeout))
+
+    def astream(self, timeout: float | None = None) -> AsyncIterator[StreamPiece]:
+        """``stream()`` for ``async for``: it waits for text on an asyncio Redis connection of
+        its own (no thread waits); the short state checks run on the client's threads."""
+        from pipeq.streaming import aiterate
+
+        self._check_streamable()
+        return aiterate(self, wait_seconds(self.client.settings.default_timeout_s, timeout))
+
+    def _check_streamable(self) -> None:
+        if self.route is not None and self.route.task != "text-generation":
+            raise StreamNotSupported(
+                f"job {self.id} is a {self.route.task} job: only text-generation jobs stream "
+                "text; use job.result()")
+
+    def raise_outcome(self) -> None:
+        """Raise the error of the ended job (nothing when it succeeded); JobNotFound if
+        its record is gone."""
+        record = self.client.call_redis(lambda: self.client.store.get(self.id))
+        if record is None:
+            raise self.not_found()
+        if record.state != JobState.SUCCESS:
+            outcome(record)
 
     def watch(self) -> tuple[Future[JobRecord], bool]:
         """The Future of the job's final record, and whether the record must be read first:

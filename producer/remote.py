@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import pydantic
@@ -19,8 +19,15 @@ from pipeq.core.config import Settings, validation_problems
 from pipeq.core.contract import JobRequest, Lane, Route, new_job_id
 from pipeq.core.params import validate_params
 from pipeq.core.redis_io import as_text
+from pipeq.core.streams import StreamPiece
 from pipeq.core.validation import InputLimits
-from pipeq.errors import JobTimeout, NoWorkerError, ValidationError
+from pipeq.errors import (
+    JobTimeout,
+    NotReplicated,
+    NoWorkerError,
+    StreamNotSupported,
+    ValidationError,
+)
 from pipeq.inputs import prepare_inputs
 from pipeq.job import Job
 
@@ -56,7 +63,7 @@ class RemotePipeline:
 
     def submit(self, inputs: Any, *, timeout: float | None = None,
                require_worker: bool | None = None, idempotency_key: str | None = None,
-               _watch: bool = False, **params: Any) -> Job:
+               stream: bool = False, _watch: bool = False, **params: Any) -> Job:
         """Enqueue a job and return its handle at once.
 
         ``timeout`` (seconds, default ``default_timeout_s``) is the job's deadline: a job
@@ -64,8 +71,10 @@ class RemotePipeline:
         no live worker serves the route (for workers that start later).
         ``idempotency_key``: submitting again with the same key (within the result TTL)
         returns the first job's handle and enqueues nothing.
+        ``stream=True`` (text generation): the worker streams the generated text as it is
+        made; read it with ``job.stream()`` / ``job.astream()``.
         """
-        request = self.build_request(inputs, params, timeout)
+        request = self.build_request(inputs, params, timeout, stream=stream)
         self.check_workers(require_worker)
         if idempotency_key is not None:
             existing = self._claim_idempotency_key(idempotency_key, request.job_id)
@@ -78,9 +87,10 @@ class RemotePipeline:
         try:
             self.client.send(request)
             self.client.waiter.mark_published(job.id)
-        except BaseException:
+        except BaseException as exc:
             self.client.waiter.forget(job.id)
-            if idempotency_key is not None:  # nothing was enqueued: free the key again
+            # Nothing was enqueued (NotReplicated: it was, on the primary): free the key again.
+            if idempotency_key is not None and not isinstance(exc, NotReplicated):
                 self.client.delete(self.client.keys.idempotency(idempotency_key))
             raise
         return job
@@ -101,12 +111,42 @@ class RemotePipeline:
 
     async def asubmit(self, inputs: Any, *, timeout: float | None = None,
                       require_worker: bool | None = None, idempotency_key: str | None = None,
-                      **params: Any) -> Job:
+                      stream: bool = False, **params: Any) -> Job:
         """``submit()`` awaited without blocking the event loop: returns the Job handle
         (``await job`` or ``await job.aresult()`` for its result)."""
         return await self.client.offload(lambda: self.submit(
             inputs, timeout=timeout, require_worker=require_worker,
-            idempotency_key=idempotency_key, **params))
+            idempotency_key=idempotency_key, stream=stream, **params))
+
+    def stream(self, inputs: Any, *, timeout: float | None = None,
+               **params: Any) -> Iterator[str] | Iterator[StreamPiece]:
+        """Generate text and yield it as it is made (``text-generation`` routes).
+
+        One prompt and one sequence: plain ``str`` pieces, which joined are the
+        ``generated_text`` of ``remote(prompt, return_full_text=False, ...)``. A list of
+        prompts or ``num_return_sequences`` > 1: :class:`~pipeq.core.streams.StreamPiece`
+        objects (``index`` of the prompt, ``seq`` of the sequence, ``text``). The job is
+        submitted at once (errors such as ValidationError are raised here); the iteration
+        stops when it succeeds, raises its error otherwise. ``timeout``: the job's deadline
+        and the longest wait for its text. To hold the Job (id, cancel, result), use
+        ``submit(..., stream=True)`` and ``job.stream()``.
+        """
+        from pipeq.streaming import plain, yields_plain_text
+
+        job = self.submit(inputs, timeout=timeout, stream=True, **params)
+        pieces = job.stream(timeout)
+        request_single = not isinstance(inputs, list)
+        return plain(pieces) if yields_plain_text(request_single, params) else pieces
+
+    async def astream(self, inputs: Any, *, timeout: float | None = None,
+                      **params: Any) -> AsyncIterator[str | StreamPiece]:
+        """``stream()`` for ``async for`` (submitted when the iteration starts)."""
+        from pipeq.streaming import yields_plain_text
+
+        job = await self.asubmit(inputs, timeout=timeout, stream=True, **params)
+        text_only = yields_plain_text(not isinstance(inputs, list), params)
+        async for piece in job.astream(timeout):
+            yield piece.text if text_only else piece
 
     async def acall(self, inputs: Any, *, timeout: float | None = None, **params: Any) -> Any:
         """``remote(inputs)`` awaited without blocking the event loop: the result."""
@@ -136,8 +176,10 @@ class RemotePipeline:
         return Job(self.client, job_id, self.route)
 
     def build_request(self, inputs: Any, params: dict[str, Any], timeout: float | None,
-                      lane: Lane = "interactive") -> JobRequest:
+                      lane: Lane = "interactive", stream: bool = False) -> JobRequest:
         """Validate a call and build its message; raises ValidationError, enqueues nothing."""
+        if stream:
+            check_streamable(self.route, params)
         settings = self.client.settings
         job_id = new_job_id()
         prepared = prepare_inputs(
@@ -155,7 +197,7 @@ class RemotePipeline:
         request = JobRequest(
             job_id=job_id, route=self.route, inputs=prepared.items, single=prepared.single,
             params=clean, submitted_at=submitted, deadline=submitted + wait,
-            reply_to=self.client.waiter.reply_key, lane=lane,
+            reply_to=self.client.waiter.reply_key, lane=lane, stream=stream,
         )
         request.claims.update(prepared.claims)  # stored by Client.send, just before publishing
         return request
@@ -174,6 +216,19 @@ class RemotePipeline:
             self._worker_seen_at = time.monotonic()
         if live == 0:
             raise NoWorkerError(no_worker_message(self.route, "submit with require_worker=False"))
+
+
+def check_streamable(route: Route, params: dict[str, Any]) -> None:
+    """Raise StreamNotSupported unless jobs of ``route`` with ``params`` can stream."""
+    if route.task != "text-generation":
+        raise StreamNotSupported(
+            f"streaming is for text-generation routes; {route.describe()} is "
+            f"{route.task}: call it (or submit) without stream")
+    beams = params.get("num_beams", 1)
+    if isinstance(beams, int) and beams > 1:
+        raise StreamNotSupported(
+            f"cannot stream beam search (num_beams={beams}): transformers streams greedy "
+            "and sampled generation only; drop num_beams, or call without streaming")
 
 
 def no_worker_message(route: Route, queue_anyway: str) -> str:

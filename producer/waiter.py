@@ -108,7 +108,9 @@ class ResultWaiter:
 
     def _run(self) -> None:
         last_poll = last_full_poll = time.monotonic()
-        backoff = Backoff()
+        # At most 0.5 s between attempts: a result reaches its caller soon after Redis is
+        # back (a Sentinel failover: measured ~1 s later with 2 s steps).
+        backoff = Backoff(max_s=0.5)
         while not self._stopping.is_set():
             with self._lock:
                 idle = not self._futures

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from pipeq import RemotePipeline, pipeline  # noqa: E402
 from pipeq.client import Client  # noqa: E402
 from pipeq.core.config import Settings  # noqa: E402
+from pipeq.core.redis_io import connect  # noqa: E402
 from pipeq.ops.embedded import start_redis_server  # noqa: E402
 
 READY_LINE = "pipeq worker ready"
@@ -144,7 +145,7 @@ class Deployment:
         self.overrides = {"heartbeat_s": 0.5, **overrides}
         self.settings = Settings(redis_url=redis_url, queue_prefix=self.prefix,
                                  routes_file=workdir / "routes.toml", **self.overrides)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = connect(self.settings)  # any URL form, sentinel:// too
         self.workers: list[WorkerProcess] = []
 
     def env(self, **extra: str) -> dict[str, str]:

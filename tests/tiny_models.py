@@ -314,3 +314,49 @@ _BUILDERS: dict[str, Any] = {
     ),
 }
 assert set(_BUILDERS) == set(TEXT_TASKS)
+
+
+# --- a Llama-style generation model (streaming tests) -----------------------------------------
+
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def _llama_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE (``▁`` marks spaces, a space is prepended to the text, the
+    decoder strips it again), ``<s>`` prepended to every prompt, no pad token: decoding a
+    sequence's tokens alone drops its leading space, the classic trap of streamed text."""
+    unk, bos, eos = LLAMA_SPECIALS
+    tok = Tokenizer(models.BPE(unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = BpeTrainer(vocab_size=300, special_tokens=list(LLAMA_SPECIALS),
+                         initial_alphabet=sorted(set("".join(CORPUS)) | {"\u2581"}),
+                         show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+        model_max_length=MAX_POSITIONS, padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def _build_llama(path: pathlib.Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _llama_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS,
+        initializer_range=INIT_RANGE, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id,
+                                               eos_token_id=tok.eos_token_id)
+    _save(model, tok, path)
+
+
+def build_llama_model(root: pathlib.Path) -> pathlib.Path:
+    """A tiny random Llama-style text-generation model (built once in ``root``)."""
+    return build_once("text-generation-llama", root, _build_llama)

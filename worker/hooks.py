@@ -43,6 +43,10 @@ class Middleware:
     def after_call(self, size: int, seconds: float, job_ids: list[str]) -> None:
         """A pipeline call of ``size`` inputs took ``seconds``."""
 
+    def after_stream_step(self) -> None:
+        """A decoding step of a generation call that streams text ended (its pieces are
+        written)."""
+
     def after_outcomes(self, outcomes: list[Outcome], stored: list[bool]) -> None:
         """Final records were written (``stored``: False where the job was final already)."""
 
@@ -94,6 +98,9 @@ class Hooks(Middleware):
 
     def after_call(self, size: int, seconds: float, job_ids: list[str]) -> None:
         self._each("after_call", size, seconds, job_ids)
+
+    def after_stream_step(self) -> None:
+        self._each("after_stream_step")
 
     def after_outcomes(self, outcomes: list[Outcome], stored: list[bool]) -> None:
         self._each("after_outcomes", outcomes, stored)

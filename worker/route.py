@@ -35,7 +35,8 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
 
     ``engine``: a started continuous batching engine (``batching = "continuous"`` routes that
     it serves); the static batcher then runs only the jobs it cannot honour. ``streams``:
-    where continuous jobs' text goes as it grows (``batching.textstreams``).
+    where continuous jobs' text goes as it grows (``batching.textstreams``; default: the
+    jobs' Redis streams).
     """
     hooks = Hooks(middleware)
     store = JobStore(client, settings.keys, settings.result_ttl_s)
@@ -48,10 +49,12 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
         service.attach(MicroBatcher(runners, policy, service, hooks))
     else:
         from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
+        from pipeq.worker.batching.textstreams import JobTextStreams
 
         # The static path's calls and the loop's steps take turns on the model.
         exclusive = [ExclusiveRunner(runner, engine) for runner in runners]
         static = MicroBatcher(exclusive, policy, service, hooks)
+        streams = streams or JobTextStreams(engine.tokenizer)
         service.attach(ContinuousBatcher(engine, static, service, hooks, streams))
     return service
 

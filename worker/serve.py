@@ -23,7 +23,7 @@ from celery.utils.deprecated import CPendingDeprecationWarning
 
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.deadletters import DeadLetters
-from pipeq.core.redis_io import is_redis_full, redis_client
+from pipeq.core.redis_io import connect, is_redis_full
 from pipeq.core.registry import Registry
 from pipeq.core.secrets import mask_url
 from pipeq.ops.exits import Exit
@@ -32,6 +32,7 @@ from pipeq.worker.broker.claiming import unsupported_redis
 from pipeq.worker.broker.compat import check_broker_internals
 from pipeq.worker.broker.consumer import consumer_class
 from pipeq.worker.broker.events import CeleryBridge
+from pipeq.worker.broker.handover import HolderLease
 from pipeq.worker.broker.leases import LeaseKeeper
 from pipeq.worker.broker.strategy import LoopSettler
 from pipeq.worker.hooks import Middleware
@@ -80,8 +81,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     except (ModelLoadError, RuntimeError) as exc:
         log.error("worker not started: %s", exc)
         return Exit.MODEL_LOAD_FAILED if isinstance(exc, ModelLoadError) else Exit.USAGE
-    client = redis_client(redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                          socket_timeout_s=30, health_check_interval=10)
+    client = connect(settings, socket_timeout_s=30, health_check_interval=10)
     if (problem := unsupported_redis(client)) is not None:
         log.error("worker not started: %s", problem)
         return Exit.USAGE
@@ -111,13 +111,22 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
                        call_overhead=overhead, middleware=middleware, engine=engine)
     settler = LoopSettler()
     service.settle_with(settler)
+    # Claims are recorded under this worker's holder lease: should it fall silent (host cut
+    # off, frozen, killed), live workers hand its messages over within a few heartbeats.
+    holder = HolderLease(client, settings.keys, hostname, settings.heartbeat_s,
+                         settings.visibility_timeout_s)
+
+    def probe() -> dict[str, Any]:
+        return {**service.hooks.heartbeat_fields(), "in_flight": service.in_flight(),
+                "declared_dead": holder.declared_dead, "handed_over": holder.restored}
+
     heartbeat = Heartbeat(
         Registry(client, settings.keys, settings.heartbeat_s), hostname, spec.route, device,
         extra={"queue": settings.keys.queue(spec.route), "max_batch_size": spec.max_batch_size,
                "instances": instances, "batching": batching,
                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                "host": socket.gethostname(), **extra},
-        probe=service.hooks.heartbeat_fields, healthy=service.healthy,
+        probe=probe, healthy=service.healthy,
     )
     app = build_app(settings, redis_url, service, settler, bridge)
     held = prefetch or prefetch_limit(spec, instances)
@@ -154,6 +163,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     metrics.start()
     heartbeat.start()
     leases.start()
+    holder.start()
     worker = app.Worker(
         hostname=hostname, pool="solo", concurrency=1,
         # Both lanes of the route (see batching.lanes).
@@ -173,6 +183,9 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     finally:
         heartbeat.stop()
         leases.stop()
+        # Drained: nothing left to hand over. Otherwise the lease lapses and live workers put
+        # back what this worker still held.
+        holder.stop(withdraw=service.in_flight() == 0)
         service.stop()
         metrics.stop()
         log.info("pipeq worker %s stopped", hostname)

@@ -32,6 +32,7 @@ from pipeq.core.store import JobStore, Outcome
 from pipeq.core.validation import InputLimits, check_inputs
 from pipeq.errors import ValidationError
 from pipeq.worker.batching.jobs import Batcher, Delivery, Ended, Failure, JobInFlight
+from pipeq.worker.batching.textsinks import TextStreams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.media import BudgetClosed, MediaPolicy, MediaResolver
 from pipeq.worker.redis_guard import RedisGuard
@@ -63,6 +64,9 @@ class RouteService:
         self.guard = guard or RedisGuard()
         self.batcher: Batcher | None = None
         self.dead_letters = DeadLetters(store.client, settings.keys)
+        #: The Redis Streams of the jobs that stream their generated text.
+        self.streams = TextStreams(store.client, settings.keys, settings.result_ttl_s,
+                                   settings.stream_maxlen, self.guard)
         #: Where stored final states are counted, atomically with the records (exporter).
         self.stats_key = settings.keys.route_stats(route)
         policy = media or MediaPolicy(max_payload_bytes=settings.max_payload_bytes)
@@ -186,6 +190,9 @@ class RouteService:
         if request.route != self.route:
             raise ValidationError(f"job for route {request.route.describe()} reached a worker "
                                   f"of {self.route.describe()}")
+        if request.stream and self.route.task != "text-generation":
+            raise ValidationError(f"stream=True is for text-generation routes; route "
+                                  f"{self.route.describe()} cannot stream")
         check_inputs(self.route.task, request.inputs, self.limits)
         if validate_params(self.route.task, request.params) != request.params:
             raise ValidationError("call parameters carry null values; omit them instead")
@@ -268,6 +275,7 @@ class RouteService:
                 self._poison(job, starts)
             else:
                 job.started_at = now
+                self.streams.open(job, starts)
         self.hooks.after_jobs_started(jobs)
 
     def _poison(self, job: JobInFlight, starts: int) -> None:
@@ -285,6 +293,7 @@ class RouteService:
         outcomes = [j.outcome for j in jobs if j.outcome is not None]
         stored = self.guard.call(lambda: self.store.finish(outcomes, self.stats_key),
                                  "store job records")
+        self.streams.close(jobs)
         self.hooks.after_outcomes(outcomes, stored)
         if self.media is not None:
             try:  # (the payloads expire with the job's deadline anyway)

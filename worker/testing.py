@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.keys import LANES
-from pipeq.core.redis_io import as_text, redis_client
+from pipeq.core.redis_io import as_text, connect
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.broker.claiming import CLAIM_SCRIPT
 from pipeq.worker.broker.strategy import job_body
@@ -54,7 +54,7 @@ class EchoRunner(PipelineRunner):
         self.calls: list[list[Any]] = []
         self._lock = threading.Lock()
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def run(self, items: list[Any], params: dict[str, Any], **streaming: Any) -> list[Any]:
         """``{"label": "LEN", "score": len(item)}`` per input, after the gate."""
         if self.gate is not None:
             self.gate.wait(30)
@@ -133,7 +133,7 @@ class InProcessWorker:
                  middleware: Sequence[Middleware] = (), call_overhead: float | None = None):
         self.settings = settings
         self.spec = spec
-        self.client = redis_client(settings.redis_url_value(), socket_timeout_s=30)
+        self.client = connect(settings, socket_timeout_s=30)
         runner_list = [runners] if isinstance(runners, PipelineRunner) else list(runners)
         self.service: RouteService = assemble(spec, settings, self.client, hostname,
                                               runner_list, call_overhead=call_overhead,
@@ -158,9 +158,9 @@ class InProcessWorker:
         """Take up to ``count`` queued messages and hand them to the service; how many."""
         keys, route = self.settings.keys, self.spec.route
         queues = [keys.lane_queue_key(route, lane) for lane in LANES]
-        reply = self.client.eval(CLAIM_SCRIPT, 3 + len(queues), keys.unacked(),
-                                 keys.unacked_index(), keys.bell(route), *queues,
-                                 repr(time.time()), count)
+        reply = self.client.eval(CLAIM_SCRIPT, 5 + len(queues), keys.unacked(),
+                                 keys.unacked_index(), keys.bell(route), keys.owners(),
+                                 keys.held(""), *queues, repr(time.time()), count)
         claimed = [reply[i:i + 3] for i in range(1, len(reply), 3)]
         for key, item, _recorded in claimed:
             self._hand_over(as_text(key), item)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 from celery import Celery
 
 from pipeq.core.config import Settings
+from pipeq.core.redis_io import sentinel_options
+from pipeq.core.sentinel import is_sentinel_url, parse_sentinel_url
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -44,8 +47,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         # and a worker would watch all of them).
         "priority_steps": [0],
     }
+    broker_url, sentinel_options = broker_connection(settings, redis_url)
+    transport.update(sentinel_options)
     config: dict[str, Any] = {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
@@ -71,10 +76,42 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "enable_utc": True,
     }
-    if redis_url.startswith("rediss://"):
+    if redis_url.startswith("rediss://") or (is_sentinel_url(redis_url) and settings.sentinel_tls):
         tls = {"ssl_cert_reqs": _CERT_REQS[settings.redis_ssl_cert_reqs]}
         config["broker_use_ssl"] = tls
     return config
+
+
+#: The transport option listing the sentinels as [host, port] pairs (read by pipeq's worker
+#: transport, which is given one URL: see ``pipeq.worker.broker.transport``).
+SENTINELS_OPTION = "pipeq_sentinels"
+
+
+def broker_connection(settings: Settings, redis_url: str) -> tuple[str, dict[str, Any]]:
+    """kombu's broker URL for ``redis_url`` and the transport options it needs.
+
+    A ``sentinel://h1,h2/0?master=NAME`` URL becomes kombu's form, one ``sentinel://`` URL per
+    sentinel joined by ``;`` with the master's name and the sentinels' password as transport
+    options. PIPEQ_REDIS_PASSWORD goes into the URL where it carries none (kombu reads the
+    password from the URL only).
+    """
+    password = settings.redis_password_value()
+    if not is_sentinel_url(redis_url):
+        parts = urlsplit(redis_url)
+        if password and parts.scheme in ("redis", "rediss") and "@" not in parts.netloc:
+            redis_url = parts._replace(netloc=f":{quote(password, safe='')}@{parts.netloc}"
+                                       ).geturl()
+        return redis_url, {}
+    target = parse_sentinel_url(redis_url)
+    # The sentinels' options as pipeq's own clients use them (the Redis servers' come from
+    # the URL and broker_use_ssl).
+    sentinel_kwargs, _ = sentinel_options(
+        password=password, sentinel_password=settings.sentinel_password_value(),
+        tls=settings.sentinel_tls, ssl_cert_reqs=settings.redis_ssl_cert_reqs,
+        connect_timeout_s=settings.connect_timeout_s, socket_timeout_s=None)
+    options = {"master_name": target.master, "sentinel_kwargs": sentinel_kwargs,
+               SENTINELS_OPTION: [[host, port] for host, port in target.sentinels]}
+    return ";".join(target.kombu_urls(password)), options
 
 
 def make_celery(settings: Settings, redis_url: str | None = None) -> Celery:

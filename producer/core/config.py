@@ -17,7 +17,7 @@ import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -31,6 +31,8 @@ from pydantic_settings import (
 from pipeq.core.contract import Route
 from pipeq.core.keys import Keys
 from pipeq.core.secrets import mask_url
+from pipeq.core.sentinel import SCHEME as SENTINEL_SCHEME
+from pipeq.core.sentinel import parse_sentinel_url
 from pipeq.core.tasks import canonical_task
 from pipeq.errors import ConfigError
 
@@ -42,7 +44,7 @@ DEFAULT_SETTINGS_DIR = Path(os.environ.get("PIPEQ_SETTINGS_DIR", "settings"))
 OTHER_VARIABLES = frozenset({
     "PIPEQ_SETTINGS_DIR", "PIPEQ_TEST_REDIS_URL", "PIPEQ_FLOWER_PORT", "PIPEQ_FLOWER_BIND",
     "PIPEQ_METRICS_PORT", "PIPEQ_METRICS_BIND", "PIPEQ_REDIS_PORT", "PIPEQ_REDIS_BIND",
-    "PIPEQ_REDIS_PASSWORD", "PIPEQ_IMAGE_TAG", "PIPEQ_TORCH_INDEX_URL", "PIPEQ_BAKE_MODEL",
+    "PIPEQ_IMAGE_TAG", "PIPEQ_TORCH_INDEX_URL", "PIPEQ_BAKE_MODEL",
     "PIPEQ_WORKER_TASK", "PIPEQ_WORKER_MODEL", "PIPEQ_WORKER_REVISION",
     "PIPEQ_UPDATE_DOCS_SCREENSHOT",
 })
@@ -129,17 +131,36 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     #: For rediss:// URLs: certificate checking ("required" unless told otherwise).
     redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    #: The Redis servers' password where PIPEQ_REDIS_URL carries none (sentinel:// URLs never
+    #: do: with Sentinel this is the primary's and the replicas' ``requirepass``).
+    redis_password: SecretStr | None = None
+    #: The sentinels' own password (their ``requirepass``), for sentinel:// URLs.
+    sentinel_password: SecretStr | None = None
+    #: For sentinel:// URLs: TLS to the sentinels and to the Redis servers they name
+    #: (certificates checked as PIPEQ_REDIS_SSL_CERT_REQS says).
+    sentinel_tls: bool = False
+    #: Replicas that must confirm a submitted job (Redis ``WAIT``) before submit returns, so
+    #: that a primary dying right after cannot lose it (0: no wait; see the README).
+    redis_wait_replicas: Annotated[int, Field(ge=0, le=16)] = 0
+    #: How long a submit waits for those replicas before it raises BrokerUnavailable.
+    #: (At most 5 s: a longer wait would outlast the producer's socket timeout.)
+    redis_wait_timeout_ms: Annotated[int, Field(ge=1, le=5000)] = 1000
     #: Where the embedded Redis keeps its socket, log and pid file.
     embedded_redis_dir: Path = Path.home() / ".cache" / "pipeq" / "redis"
     queue_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "pipeq"
     #: How long job records (results, errors) stay in Redis.
     result_ttl_s: Annotated[int, Field(ge=1)] = 24 * 3600
+    #: Entries a streaming job's Redis Stream keeps (``remote.stream()``): about one per
+    #: word of generated text; older ones are trimmed (a reader that keeps up never misses
+    #: any, a late one is told to read the result instead).
+    stream_maxlen: Annotated[int, Field(ge=100)] = 10_000
     #: Drop a job's result from Redis once ``job.result()`` has read it (the state stays until
     #: the record expires): Redis then holds results only until their callers read them.
     drop_read_results: bool = False
     #: Default deadline of a job, and of a caller's wait for it.
     default_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    #: Messages a dead worker held are redelivered after this long. Live workers renew the
+    #: Messages a dead worker held are redelivered after this long, unless a live worker
+    #: handed them over first (heartbeat_s). Live workers renew the
     #: lease of every message they hold, so a long or long-queued job is never run twice.
     visibility_timeout_s: Annotated[int, Field(ge=2)] = 300
     #: A job started this many times without finishing (its workers died) is a poison
@@ -151,6 +172,8 @@ class Settings(BaseSettings):
     retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
     #: Fault injection for pipeq's own fault tests (pipeq.worker.ops.faults); never in production.
     faults: str | None = None
+    #: Workers announce themselves and renew their holder lease this often: a worker silent
+    #: for 3 beats is gone, and live workers hand its messages over (within 4 beats).
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     #: How long a stopping worker (SIGTERM) waits for the jobs in hand before it exits,
     #: leaving what did not finish to be redelivered.
@@ -228,9 +251,13 @@ class Settings(BaseSettings):
             return None
         url = value.get_secret_value()
         scheme = urlsplit(url).scheme
+        if scheme == SENTINEL_SCHEME:
+            parse_sentinel_url(url)  # SentinelURLError (a ValueError) says the expected form
+            return value
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"PIPEQ_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme!r}://"
+                "PIPEQ_REDIS_URL must start with redis://, rediss://, unix:// or sentinel://, "
+                f"not {scheme!r}://"
             )
         # A password holding "/", "#", "?" or "@" unquoted cuts the URL in the wrong place
         # (the Redis client would take part of it for a host or a port). Never quote it here.
@@ -247,6 +274,20 @@ class Settings(BaseSettings):
                 "(port 0-65535): percent-encode a password's /, #, ?, @ and % (as %2F, %23, "
                 "%3F, %40, %25)")
         return value
+
+    @model_validator(mode="after")
+    def _one_redis_password(self) -> Settings:
+        url = self.redis_url.get_secret_value() if self.redis_url else ""
+        given = urlsplit(url).password if url.startswith(("redis://", "rediss://")) else None
+        given = unquote(given) if given else None
+        if given and self.redis_password and given != self.redis_password.get_secret_value():
+            raise ValueError("PIPEQ_REDIS_URL carries a password and PIPEQ_REDIS_PASSWORD "
+                             "another: set it in one place")
+        # A WAIT outlasting the socket timeout (the connect timeout) would be taken for a lost
+        # connection, and the job published twice.
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.connect_timeout_s * 1000:
+            raise ValueError("PIPEQ_REDIS_WAIT_TIMEOUT_MS must be below PIPEQ_CONNECT_TIMEOUT_S")
+        return self
 
     @field_validator("url_allow_networks")
     @classmethod
@@ -287,6 +328,14 @@ class Settings(BaseSettings):
         from pipeq.ops.embedded import ensure_embedded_redis  # only without a configured URL
 
         return ensure_embedded_redis(self.embedded_redis_dir)
+
+    def redis_password_value(self) -> str | None:
+        """PIPEQ_REDIS_PASSWORD in clear (None when unset)."""
+        return self.redis_password.get_secret_value() if self.redis_password else None
+
+    def sentinel_password_value(self) -> str | None:
+        """PIPEQ_SENTINEL_PASSWORD in clear (None when unset)."""
+        return self.sentinel_password.get_secret_value() if self.sentinel_password else None
 
     def masked(self) -> dict[str, Any]:
         """The effective settings with every secret masked (for ``pipeq config`` and logs)."""

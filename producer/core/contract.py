@@ -116,6 +116,10 @@ class JobRequest(BaseModel):
     #: "bulk" for chunks of a bulk job (``pipeq.bulk``): they travel on the route's bulk
     #: queue and the worker runs waiting interactive jobs first, so a bulk job never starves them.
     lane: Lane = "interactive"
+    #: True when the caller streams the generated text (``RemotePipeline.stream``): the
+    #: worker appends it to the job's Redis Stream (``pipeq.core.streams``) as it is made.
+    #: Left out of messages when False, so that workers that predate it read them.
+    stream: bool = False
     # Claim-checked media payloads (Redis key -> raw bytes) that Client.send stores before
     # publishing; producer side only, never serialised (see pipeq.core.envelopes).
     _claims: dict[str, bytes] = PrivateAttr(default_factory=dict)

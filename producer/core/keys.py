@@ -82,6 +82,24 @@ class Keys:
         """kombu's hash of delivered, not yet acknowledged messages (delivery tag -> message)."""
         return self.broker_prefix + "unacked"
 
+    def holders(self) -> str:
+        """Sorted set of the workers holding messages, scored by when their lease expires
+        (Redis's clock, ms): a holder past it has its messages handed over."""
+        return f"{self.prefix}:holders"
+
+    def owners(self) -> str:
+        """Hash of held messages: delivery tag -> the holder that claimed it last."""
+        return f"{self.prefix}:owners"
+
+    def held(self, holder: str) -> str:
+        """Hash of the messages one holder claimed: delivery tag -> where it came from."""
+        return f"{self.prefix}:held:{holder}"
+
+    def reaped(self, holder: str) -> str:
+        """Set when a holder's lease expired and its messages were handed over: the holder
+        learns of it when it reaches Redis again."""
+        return f"{self.prefix}:reaped:{holder}"
+
     def task_name(self, route: Route) -> str:
         """The Celery task name of a route; carries the route so Flower can group by it."""
         return f"pipeq.run[{route.id}]"
@@ -93,6 +111,12 @@ class Keys:
     def result(self, job_id: str) -> str:
         """The job record (state, result or error), stored with the result TTL."""
         return f"{self.prefix}:job:{job_id}"
+
+    def stream(self, job_id: str) -> str:
+        """A streaming job's Redis Stream of generated text (``pipeq.core.streams``): only
+        jobs submitted to stream have one; bounded (``stream_maxlen``), and expiring with
+        the result TTL."""
+        return f"{self.prefix}:stream:{job_id}"
 
     def reply(self, client_id: str) -> str:
         """A producer's wake-up list: workers push finished job ids onto it."""

@@ -28,6 +28,7 @@ import redis
 from pipeq.core.contract import JobRequest
 from pipeq.core.keys import Keys
 from pipeq.core.redis_io import load_lua
+from pipeq.errors import NotReplicated
 
 #: The script that rings a doorbell (KEYS[1]) unless it rings already.
 RING_SCRIPT = load_lua("ring.lua")
@@ -46,7 +47,9 @@ def task_message(request: JobRequest, task_name: str, queue: str, summary: str) 
     ``summary`` is what Flower shows as the task's arguments (never the inputs themselves:
     they may be private, and large).
     """
-    body = json.dumps([[], {"request": request.model_dump(mode="json")}, _EMBED])
+    # ``stream`` only when set: a message of an ordinary job is what it always was.
+    wire = request.model_dump(mode="json", exclude=None if request.stream else {"stream"})
+    body = json.dumps([[], {"request": wire}, _EMBED])
     job_id = request.job_id
     headers: dict[str, Any] = {
         "lang": "py", "task": task_name, "id": job_id, "shadow": None, "eta": None,
@@ -75,23 +78,30 @@ def default_summary(request: JobRequest) -> str:
 class Publisher:
     """Writes job messages (and their claim-checked payloads) to Redis, one round trip each."""
 
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: redis.Redis, keys: Keys, *, wait_replicas: int = 0,
+                 wait_timeout_ms: int = 1000):
         self.client = client
         self.keys = keys
+        #: Replicas that must confirm each published job (Redis WAIT; 0: none).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._publish = client.register_script(PUBLISH_SCRIPT)
 
     def publish(self, request: JobRequest, *, record_ttl_s: int, summary: str | None = None,
                 claim_ttl_s: int | None = None) -> None:
         """Store ``request.claims`` (expiring after ``claim_ttl_s``), the job's PENDING record
         (so that its id is known, and a record that vanishes means a lost job), queue the
-        message on its route's lane and ring the route's bell, in one pipelined round trip."""
+        message on its route's lane and ring the route's bell, in one pipelined round trip.
+
+        With ``wait_replicas``, the same round trip ends with ``WAIT`` (it must run on the
+        connection that wrote); NotReplicated when too few replicas confirm in time."""
         route, lane = request.route, request.lane
         message = task_message(request, self.keys.task_name(route),
                                self.keys.queue_for(route, lane), summary or
                                default_summary(request))
         keys = [self.keys.result(request.job_id), self.keys.lane_queue_key(route, lane),
                 self.keys.bell(route)]
-        if not request.claims:  # the common case: one command
+        if not request.claims and not self.wait_replicas:  # the common case: one command
             self._publish(keys=keys, args=[record_ttl_s, message])
             return
         with self.client.pipeline(transaction=False) as pipe:
@@ -99,7 +109,16 @@ class Publisher:
                 pipe.set(key, data, ex=claim_ttl_s)
             # EVAL, not the registered script: a pipeline would ask SCRIPT EXISTS each time.
             pipe.eval(PUBLISH_SCRIPT, len(keys), *keys, record_ttl_s, message)
-            pipe.execute()
+            if self.wait_replicas:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            replies = pipe.execute()
+        if self.wait_replicas and int(replies[-1]) < self.wait_replicas:
+            raise NotReplicated(
+                f"job {request.job_id} is queued on the Redis primary, but {replies[-1]} of "
+                f"PIPEQ_REDIS_WAIT_REPLICAS={self.wait_replicas} replica(s) confirmed it within "
+                f"{self.wait_timeout_ms} ms: a failover now could lose it. Check the replicas "
+                "(INFO replication); pipeq.get_job(id).status() says later whether it "
+                "survived", job_id=request.job_id)
 
     def message_ids(self, messages: list[Any]) -> set[str]:
         """Job ids of raw queued messages (those that parse), e.g. from an ``LRANGE``."""

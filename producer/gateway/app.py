@@ -34,6 +34,7 @@ from pipeq.gateway.schemas import (
     view,
 )
 from pipeq.gateway.service import GatewayService
+from pipeq.gateway.textstream import text_events
 
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 #: Seconds between two SSE state polls, and between keep-alive comments.
@@ -185,6 +186,20 @@ async def events(service: GatewayService, job_id: str, route: RouteOut,
         if quiet >= SSE_KEEPALIVE_S:
             quiet = 0.0
             yield ": keep-alive\n\n"
+
+
+@router.get("/v1/jobs/{job_id}/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "Server-Sent Events: text pieces, then result"},
+                       409: {"description": "The job was submitted without stream"}})
+async def job_text(request: Request, job_id: str, key: Caller) -> StreamingResponse:
+    """Server-Sent Events of a job submitted with ``"stream": true``: a ``text`` event per
+    piece of generated text (``index``, ``seq``, ``text``), then ``result`` (the job)."""
+    service = gateway_of(request).service
+    route, webhook = await service.streaming(key, job_id)
+    return StreamingResponse(text_events(service, job_id, route, webhook),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 @router.get("/v1/routes", response_model=RoutesOut)

@@ -33,6 +33,9 @@ class JobIn(BaseModel):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     webhook: Annotated[str, Field(min_length=1, max_length=2048)] | None = Field(
         default=None, description="URL to POST the outcome to (Standard Webhooks signed)")
+    stream: bool = Field(default=False, description=(
+        "text-generation: stream the generated text as it is made; read it as Server-Sent "
+        "Events from GET /v1/jobs/{id}/stream"))
 
 
 class RouteOut(BaseModel):

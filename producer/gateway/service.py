@@ -28,7 +28,8 @@ from pipeq.job import Job
 from pipeq.remote import RemotePipeline, pipeline
 
 #: submit()'s own keyword arguments: a call parameter of the same name is refused.
-RESERVED_PARAMETERS = frozenset({"timeout", "require_worker", "idempotency_key", "_watch"})
+RESERVED_PARAMETERS = frozenset({"timeout", "require_worker", "idempotency_key", "_watch",
+                                 "stream"})
 #: Remote pipelines kept (their live-worker cache); beyond this the cache starts again.
 MAX_REMOTES = 1024
 
@@ -82,7 +83,8 @@ class GatewayService:
         clash = sorted(RESERVED_PARAMETERS & set(body.parameters))
         if clash:
             raise ValidationError(f"parameters {clash} are not call parameters: give the "
-                                  "job's deadline as the top-level 'timeout' field")
+                                  "job's deadline as the top-level 'timeout' field, and "
+                                  "streaming as the top-level 'stream' field")
         webhook = body.webhook or key.webhook_url
         if webhook is not None:
             if self.settings.webhook_secret is None:
@@ -97,12 +99,13 @@ class GatewayService:
 
         def submit() -> Job:  # one trip to the client's threads: enqueue, then record
             job = remote.submit(body.inputs, timeout=body.timeout, idempotency_key=idem,
-                                _watch=watch, **body.parameters)
+                                stream=body.stream, _watch=watch, **body.parameters)
             # A repeated idempotency key gives the first job back: its record (and webhook)
             # stands; writing them again would send its webhook twice.
             if idem is None or not self.client.call_redis(
                     lambda: self.client.redis.exists(self.keys.gateway_job(job.id))):
-                self.client.call_redis(lambda: self._record(job.id, key, route, webhook))
+                self.client.call_redis(lambda: self._record(job.id, key, route, webhook,
+                                                            body.stream))
             return job
 
         job = await self.client.offload(submit)
@@ -112,11 +115,13 @@ class GatewayService:
                 return view(job.id, route, record, webhook=webhook), True
         return view(job.id, route, None, webhook=webhook), False
 
-    def _record(self, job_id: str, key: ApiKey, route: RouteOut, webhook: str | None) -> None:
+    def _record(self, job_id: str, key: ApiKey, route: RouteOut, webhook: str | None,
+                stream: bool = False) -> None:
         name = self.keys.gateway_job(job_id)
         pipe = self.client.redis.pipeline(transaction=True)
         pipe.hset(name, mapping={"owner": key.name, "task": route.task, "model": route.model,
-                                 "revision": route.revision or "", "webhook": webhook or ""})
+                                 "revision": route.revision or "", "webhook": webhook or "",
+                                 "stream": "1" if stream else ""})
         pipe.expire(name, self.settings.result_ttl_s)
         if webhook is not None:
             self.outbox.add(pipe, job_id, webhook, key.name)
@@ -138,15 +143,26 @@ class GatewayService:
 
     async def owned(self, key: ApiKey, job_id: str) -> tuple[RouteOut, str | None]:
         """The route and webhook of a job of ``key``; 404 if it has none such."""
+        fields = await self._owned_fields(key, job_id)
+        return _route_of(fields), fields.get("webhook") or None
+
+    async def streaming(self, key: ApiKey, job_id: str) -> tuple[RouteOut, str | None]:
+        """``owned()`` for a job submitted with ``stream``; 409 for one submitted without."""
+        fields = await self._owned_fields(key, job_id)
+        if not fields.get("stream"):
+            raise Problem(409, "Job does not stream", f"job {job_id} was submitted without "
+                          "\"stream\": true; read its result from /v1/jobs/{id} instead",
+                          "StreamNotSupported")
+        return _route_of(fields), fields.get("webhook") or None
+
+    async def _owned_fields(self, key: ApiKey, job_id: str) -> dict[str, str]:
         if not job_id or len(job_id) > 128:
             raise not_found(job_id[:128])
         raw = await self.redis(lambda: self.client.redis.hgetall(self.keys.gateway_job(job_id)))
         fields = {as_text(k): as_text(v) for k, v in raw.items()}
         if fields.get("owner") != key.name:
             raise not_found(job_id)
-        route = RouteOut(task=fields.get("task", ""), model=fields.get("model", ""),
-                         revision=fields.get("revision") or None)
-        return route, fields.get("webhook") or None
+        return fields
 
     async def get(self, key: ApiKey, job_id: str, wait_s: float = 0) -> tuple[JobOut, bool]:
         """A job of ``key`` (waiting up to ``wait_s`` for it to end). (view, final?)"""
@@ -188,3 +204,9 @@ class GatewayService:
             return f"Redis does not answer ({type(exc).__name__}: {exc}) after " \
                    f"{time.monotonic() - started:.1f}s"
         return None
+
+
+def _route_of(fields: dict[str, str]) -> RouteOut:
+    """The route stored with a gateway job."""
+    return RouteOut(task=fields.get("task", ""), model=fields.get("model", ""),
+                    revision=fields.get("revision") or None)

@@ -97,11 +97,14 @@ def cli() -> None:
                                             "(default: PIPEQ_DEFAULT_TIMEOUT_S).")
 @click.option("--no-require-worker", is_flag=True,
               help="Enqueue even when no live worker serves the route (default: refuse).")
+@click.option("--stream", is_flag=True,
+              help="text-generation: print the generated text as it is made, then exit with "
+                   "the job's status (several inputs or sequences: one JSON line per piece).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.pass_context
 def submit(ctx: click.Context, task: str, model: str, revision: str | None,
            params: tuple[str, ...], wait: bool, timeout: float | None,
-           no_require_worker: bool, inputs: tuple[str, ...]) -> None:
+           no_require_worker: bool, stream: bool, inputs: tuple[str, ...]) -> None:
     """Submit a job: one INPUT is a single call, several are a list call."""
     from pipeq.remote import no_worker_message, pipeline
 
@@ -111,10 +114,21 @@ def submit(ctx: click.Context, task: str, model: str, revision: str | None,
     call: Any = inputs[0] if len(inputs) == 1 else list(inputs)
     try:
         job = remote.submit(call, timeout=timeout, require_worker=not no_require_worker,
-                            **dict(parse_param(p) for p in params))
+                            stream=stream, **dict(parse_param(p) for p in params))
     except NoWorkerError:  # say how to queue anyway with this command, not in Python
         raise NoWorkerError(no_worker_message(remote.route, "pass --no-require-worker")
                             ) from None
+    if stream:
+        plain = len(inputs) == 1 and job_params_single_sequence(params)
+        for piece in job.stream(timeout):
+            if plain:
+                click.echo(piece.text, nl=False)
+            else:
+                click.echo(json.dumps({"index": piece.index, "seq": piece.seq,
+                                       "text": piece.text}))
+        if plain:
+            click.echo()
+        return
     if not wait:
         click.echo(job.id)
         return
@@ -141,6 +155,11 @@ def result(ctx: click.Context, job_id: str, wait: bool, timeout: float | None) -
         ctx.exit(Exit.TIMEOUT)
     print_result(job, timeout, "wait longer with --timeout, or stop it with "
                  f"`pipeq cancel {job.id}`")
+
+
+def job_params_single_sequence(params: tuple[str, ...]) -> bool:
+    """True unless ``--param num_return_sequences=N`` asks for more than one sequence."""
+    return dict(parse_param(p) for p in params).get("num_return_sequences", 1) == 1
 
 
 def print_result(job: Job, timeout: float | None, advice: str) -> None:

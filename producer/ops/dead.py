@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import time
 
-import redis
-
 from pipeq.core.config import Settings
 from pipeq.core.contract import JobRequest, new_job_id
 from pipeq.core.deadletters import DeadLetters
+from pipeq.core.redis_io import connect
 
 
 def run_dead(settings: Settings, action: str, entry_id: str | None) -> int:
     """Run a ``pipeq dead`` action; returns the exit code."""
-    client = redis.Redis.from_url(settings.redis_url_value(), socket_timeout=10)
+    client = connect(settings, socket_timeout_s=10)
     dead = DeadLetters(client, settings.keys)
     if action == "list":
         entries = dead.list()

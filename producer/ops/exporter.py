@@ -51,7 +51,7 @@ import redis
 from pipeq.core.config import Settings
 from pipeq.core.contract import FINAL_STATES, Route
 from pipeq.core.keys import Keys
-from pipeq.core.redis_io import as_text
+from pipeq.core.redis_io import as_text, connect
 from pipeq.core.secrets import mask_url
 from pipeq.core.store import JOBS_IN_STATE
 from pipeq.errors import ConfigError
@@ -142,7 +142,7 @@ def serve_metrics(settings: Settings, port: int, address: str) -> int:
             "pipeq metrics needs the monitor extra: pip install 'pipeq[monitor]'"
         ) from None
     redis_url = settings.redis_url_value()
-    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=10)
+    client = connect(settings, connect_timeout_s=10, socket_timeout_s=10)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DeploymentCollector(settings, client))
     try:

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeq.core.config import Settings
 from pipeq.core.secrets import mask_url
+from pipeq.core.sentinel import is_sentinel_url
 from pipeq.errors import ConfigError
 
 log = logging.getLogger("pipeq.flower")
@@ -89,11 +90,10 @@ def build_flower(settings: Settings, opts: FlowerOptions) -> Any:
 def route_queue_names(settings: Settings) -> list[str]:
     """The queues (both lanes) of every route ``pipeq status`` knows of, by name."""
     from pipeq.core.keys import LANES
-    from pipeq.core.redis_io import redis_client
+    from pipeq.core.redis_io import connect
     from pipeq.ops.status import deployment_status
 
-    client = redis_client(settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                          connect_timeout_s=2, socket_timeout_s=2)
+    client = connect(settings, connect_timeout_s=2, socket_timeout_s=2)
     try:
         return [settings.keys.queue_for(status.route, lane)
                 for status in deployment_status(settings, client) for lane in LANES]
@@ -101,13 +101,30 @@ def route_queue_names(settings: Settings) -> list[str]:
         client.close()
 
 
+def async_sentinel_client(settings: Settings) -> Any:
+    """An asyncio client (Flower's kind) of the master the deployment's sentinels name,
+    asking each sentinel in turn, with the sentinels' password and TLS settings."""
+    from pipeq.core.redis_io import async_connect
+
+    return async_connect(settings, connect_timeout_s=2, socket_timeout_s=2)
+
+
 def _show_route_queues(flower_app: Any, settings: Settings) -> None:
     """Serve Flower's Broker page with every route's queues added to its workers' ones."""
     from flower.views.broker import BrokerView
     from tornado.routing import PathMatches, Rule
 
+    sentinel = is_sentinel_url(settings.redis_url_value())
+
     class RouteQueuesBrokerView(BrokerView):
         """Flower's Broker page, listing every route queue of the deployment too."""
+
+        def get_broker(self) -> Any:
+            broker = super().get_broker()
+            if sentinel:
+                # Flower's own Sentinel client asks only the first sentinel of the URL.
+                broker.redis = async_sentinel_client(settings)
+            return broker
 
         def get_active_queue_names(self) -> list[str]:
             names = set(super().get_active_queue_names())

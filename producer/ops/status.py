@@ -18,7 +18,7 @@ from pipeq.core.config import Settings
 from pipeq.core.contract import Route
 from pipeq.core.keys import BULK_SUFFIX, LANES, Keys
 from pipeq.core.publish import queued_request
-from pipeq.core.redis_io import as_text, redis_client
+from pipeq.core.redis_io import as_text, connect
 from pipeq.core.registry import Registry
 from pipeq.errors import BrokerUnavailable
 from pipeq.ops.exits import Exit
@@ -145,8 +145,7 @@ def print_status(settings: Settings, task: str | None, model: str | None,
 
         remote = pipeline(task, model=model, revision=revision, settings=settings)
     only = remote.route if remote is not None else None
-    client = redis_client(settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-                          connect_timeout_s=settings.connect_timeout_s, socket_timeout_s=10)
+    client = connect(settings, socket_timeout_s=10)
     try:
         statuses = deployment_status(settings, client, only)
         pending, dead = webhook_counts(client, settings)

@@ -77,17 +77,18 @@ def test_claim_takes_queues_in_order_and_returns_non_messages_unrecorded(
     bell = prefix + "bell"
     client.lpush(b, "not json", "second-oldest of b")
     client.lpush(bell, "1")
-    keys = [prefix + "unacked", prefix + "unacked_index", bell, a, b]
+    keys = [prefix + "unacked", prefix + "unacked_index", bell, prefix + "owners",
+            prefix + "held", a, b]
 
-    got = client.eval(CLAIM_SCRIPT, 5, *keys, repr(time.time()), "1")
+    got = client.eval(CLAIM_SCRIPT, 7, *keys, repr(time.time()), "1")
     # a is empty; b's oldest (right end) first; more=1 while b still holds a message
     assert got == [1, b.encode(), b"not json", 0]
     assert client.hlen(prefix + "unacked") == 0  # nothing a restore could bring back
     assert client.exists(bell)  # b still holds a message: waiting workers must not block
-    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0", "1") == [0, b.encode(),
+    assert client.eval(CLAIM_SCRIPT, 7, *keys, "0", "1") == [0, b.encode(),
                                                              b"second-oldest of b", 0]
     assert not client.exists(bell)  # the queues are empty: silenced
-    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0", "1") == [0]
+    assert client.eval(CLAIM_SCRIPT, 7, *keys, "0", "1") == [0]
 
 
 def test_one_claim_takes_up_to_its_limit_across_queues(redis_url: str, prefix: str) -> None:
@@ -95,11 +96,12 @@ def test_one_claim_takes_up_to_its_limit_across_queues(redis_url: str, prefix: s
     a, b = prefix + "a", prefix + "b"
     client.lpush(a, "a1", "a2")
     client.lpush(b, "b1")
-    keys = [prefix + "unacked", prefix + "unacked_index", prefix + "bell", a, b]
-    got = client.eval(CLAIM_SCRIPT, 5, *keys, "0", "64")
+    keys = [prefix + "unacked", prefix + "unacked_index", prefix + "bell", prefix + "owners",
+            prefix + "held", a, b]
+    got = client.eval(CLAIM_SCRIPT, 7, *keys, "0", "64")
     assert got == [0, a.encode(), b"a1", 0, a.encode(), b"a2", 0, b.encode(), b"b1", 0]
     client.lpush(a, "a3", "a4")
-    assert client.eval(CLAIM_SCRIPT, 5, *keys, "0", "1") == [1, a.encode(), b"a3", 0]
+    assert client.eval(CLAIM_SCRIPT, 7, *keys, "0", "1") == [1, a.encode(), b"a3", 0]
 
 
 class FakeInfo:

@@ -181,7 +181,7 @@ def test_a_bad_setting_says_what_is_wrong_without_pydantic_s_prefix(
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "pipeq config: invalid pipeq settings: redis_url: PIPEQ_REDIS_URL must start with "
-        "redis://, rediss:// or unix://, not 'http'://")
+        "redis://, rediss://, unix:// or sentinel://, not 'http'://")
 
 
 def test_worker_for_a_missing_model_folder_says_the_folder_is_missing(

@@ -22,7 +22,7 @@ import pytest
 import transformers
 from compare import assert_same
 from conftest import Deployment, wait_until
-from tiny_models import build_generation_model, build_text_model
+from tiny_models import build_llama_model, build_text_model
 
 from pipeq.core.config import RouteSpec
 
@@ -35,7 +35,7 @@ GREEDY = {"do_sample": False}
 def served(module_deployment: Deployment, models_dir: Path) -> dict[str, str]:
     """A continuous-batching worker per architecture; returns arch -> model directory."""
     paths = {"gpt2": str(build_text_model("text-generation", models_dir)),
-             "llama": str(build_generation_model(models_dir, "llama"))}
+             "llama": str(build_llama_model(models_dir))}
     workers = [module_deployment.start_worker("text-generation", path, "--batching",
                                               "continuous", ready=False)
                for path in paths.values()]
@@ -240,3 +240,28 @@ def test_sigkill_mid_decoding_loses_nothing_and_records_once(redis_url: str,
         assert int(stats[b"jobs:SUCCESS"]) == len(jobs)  # each job stored once
     finally:
         dep.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_streams_from_the_running_batch_equal_local(module_deployment: Deployment,
+                                                    served: dict[str, str],
+                                                    local: dict[str, Any], arch: str) -> None:
+    """stream() on a continuous route: one prompt's pieces, and each prompt of a list,
+    join to the local pipeline's new text; the job's result is the local one."""
+    remote = module_deployment.remote("text-generation", served[arch])
+    params = {"max_new_tokens": 24, **GREEDY}
+    pieces = list(remote.stream(PROMPTS[3], timeout=60, **params))
+    assert "".join(pieces) == local[arch](PROMPTS[3], return_full_text=False,
+                                          **params)[0]["generated_text"]
+    texts: dict[int, str] = {}
+    for piece in remote.stream(PROMPTS, timeout=60, **params):
+        assert piece.seq == 0
+        texts[piece.index] = texts.get(piece.index, "") + piece.text
+    expected = local[arch](PROMPTS, return_full_text=False, **params)
+    assert texts == {i: e[0]["generated_text"] for i, e in enumerate(expected)
+                     if e[0]["generated_text"]}
+    job = remote.submit(PROMPTS[1], stream=True, **params)
+    streamed = "".join(p.text for p in job.stream(timeout=60))
+    assert_same(job.result(10), local[arch](PROMPTS[1], **params))
+    assert job.result(10)[0]["generated_text"] == PROMPTS[1] + streamed
+    assert len(pieces) > 1, pieces  # as it grows, not in one lump at the end

@@ -24,6 +24,7 @@ def test_the_wheel_installs_only_the_pipeq_package(tmp_path: Path) -> None:
     assert {t for t in top if not t.endswith(".dist-info")} == {"pipeq"}
     for shipped in ("pipeq/py.typed", "pipeq/core/lua/job_finish.lua",
                     "pipeq/core/lua/ring.lua", "pipeq/worker/broker/lua/claim.lua",
+                    "pipeq/worker/broker/lua/lease.lua",
                     "pipeq/worker/serve.py", "pipeq/ops/cli.py", "pipeq/gateway/app.py",
                     "pipeq/core/lua/webhook_claim.lua"):
         assert shipped in names, shipped

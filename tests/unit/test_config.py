@@ -97,7 +97,8 @@ def test_bad_environment_values_name_the_setting(monkeypatch: pytest.MonkeyPatch
 def test_bad_scheme_is_refused_without_showing_the_url(monkeypatch: pytest.MonkeyPatch,
                                                        url: str) -> None:
     monkeypatch.setenv("PIPEQ_REDIS_URL", url)
-    with pytest.raises(ConfigError, match="must start with redis://, rediss:// or unix://") as info:
+    with pytest.raises(ConfigError,
+                       match="must start with redis://, rediss://, unix:// or sentinel://") as info:
         load_settings()
     assert PASSWORD not in str(info.value)
 

@@ -36,6 +36,7 @@ from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
+from pipeq.worker.model.streamer import TextTarget
 
 log = logging.getLogger("pipeq.batcher")
 
@@ -275,9 +276,16 @@ class MicroBatcher:
         items = [s.item for s in chunk]
         started = time.perf_counter()
         failure: Exception | None = None
+        # Inputs of jobs that stream send their text to their job's sink as it is generated.
+        targets = [TextTarget(s.job.text, s.index) if s.job.text is not None else None
+                   for s in chunk]
         try:
             self.hooks.before_call(items)
-            outputs = runner.run(items, params)
+            if any(targets):
+                outputs = runner.run(items, params, text=targets,
+                                     on_step=self.hooks.after_stream_step)
+            else:
+                outputs = runner.run(items, params)
         except Exception as exc:
             failure = exc
         if failure is not None:

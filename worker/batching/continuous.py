@@ -73,10 +73,10 @@ class ExclusiveRunner(PipelineRunner):
         self.inner = runner
         self.engine = engine
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
-        """The inner runner's outputs, computed while the loop waits."""
+    def run(self, items: list[Any], params: dict[str, Any], **streaming: Any) -> list[Any]:
+        """The inner runner's outputs (and streamed text), computed while the loop waits."""
         with self.engine.exclusive():
-            return self.inner.run(items, params)
+            return self.inner.run(items, params, **streaming)
 
     def free_memory(self) -> None:
         """As the inner runner does."""
@@ -266,6 +266,7 @@ class ContinuousBatcher:
                 done.append(request.job)
         if streamed and (streams := self.streams) is not None:
             self._guarded(lambda: streams.flush(list(streamed.values())), "flush")
+            self.hooks.after_stream_step()
         self._finish(done)
 
     def _progress(self, request: _Request, tokens: list[int], finished: bool) -> bool:

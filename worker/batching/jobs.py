@@ -6,11 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeq.core.contract import JobRequest, JobState
 from pipeq.core.store import Outcome
 from pipeq.worker.model.media import media_length
+
+if TYPE_CHECKING:
+    from pipeq.worker.batching.textsinks import RedisTextSink
 
 
 class Delivery(Protocol):
@@ -57,6 +60,11 @@ class JobInFlight:
     finishing: bool = False
     #: False when the job's end was recorded elsewhere already (a re-delivered finished job).
     announce: bool = True
+    #: How many times the job has been started, this time included (1, 2 after a worker
+    #: died...): the attempt its streamed text is tagged with. 0: not started here.
+    attempt: int = 0
+    #: Where its generated text goes, for a job that streams (set when it starts).
+    text: RedisTextSink | None = None
 
     def __post_init__(self) -> None:
         if not self.items:

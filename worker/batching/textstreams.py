@@ -6,19 +6,22 @@ decoding step's new token ids into it, calls ``flush`` once per step with the jo
 tokens (sinks may deliver a step's pieces together), ``finish``-es a request when it ends
 and ``close``-s the jobs once they end, before their records are stored.
 
-That fits a token-level streamer (a ``SequenceStream`` per request that decodes and puts
-into its job's sink) as well as :class:`TextSinkStreams`, which decodes here and gives
-text pieces to a per-job :class:`TextSink` (``put(seq, text)`` / ``end()``).
+:class:`JobTextStreams` (what workers use) drives the jobs' Redis text sinks
+(``JobInFlight.text``, opened and closed by the route service) through one
+``SequenceStream`` per request (``pipeq.worker.model.streamer``), as the static path's
+batch streamer does per row; :class:`TextSinkStreams` decodes here and gives text pieces to
+a per-job :class:`TextSink` (``put(seq, text)`` / ``end()``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.model.generation import GenerationPlan, IncrementalText
+from pipeq.worker.model.streamer import SequenceStream, decode_options
 
 log = logging.getLogger("pipeq.batcher")
 
@@ -103,3 +106,25 @@ class TextSinkStreams:
             sink = self._sinks.pop(job.job_id, None)
             if sink is not None:
                 sink.end()
+
+
+class JobTextStreams:
+    """:class:`Streams` over the jobs' own text sinks (``JobInFlight.text``: set by the route
+    service for jobs submitted with ``stream=True``, closed by it when they end)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def open(self, job: JobInFlight, index: int, plan: GenerationPlan) -> RequestStream | None:
+        if job.text is None:
+            return None
+        options = decode_options(self.tokenizer, job.request.params)
+        return SequenceStream(self.tokenizer, options, job.text, index)
+
+    def flush(self, jobs: list[JobInFlight]) -> None:
+        for job in jobs:
+            if job.text is not None:
+                job.text.flush()
+
+    def close(self, jobs: list[JobInFlight]) -> None:
+        """The route service closes the jobs' streams with their records."""

@@ -9,9 +9,16 @@ from celery import Celery, signals
 
 from pipeq.core.celery_config import make_celery
 from pipeq.core.config import Settings
+from pipeq.core.sentinel import is_sentinel_url
 from pipeq.worker.broker.events import CeleryBridge
 from pipeq.worker.broker.strategy import LoopSettler, job_strategy
-from pipeq.worker.broker.transport import FAULTS_OPTION, PREFIX_OPTION, TRANSPORT_NAME
+from pipeq.worker.broker.transport import (
+    FAULTS_OPTION,
+    HOLDER_OPTION,
+    PREFIX_OPTION,
+    SENTINEL_TRANSPORT_NAME,
+    TRANSPORT_NAME,
+)
 from pipeq.worker.service import RouteService
 
 
@@ -20,9 +27,15 @@ def build_app(settings: Settings, redis_url: str, service: RouteService, settler
     """A Celery app whose one task is the route's; its messages reach ``service``."""
     app = make_celery(settings, redis_url)
     app.conf.broker_transport = TRANSPORT_NAME  # pipeq.worker.broker.transport
+    if is_sentinel_url(redis_url):
+        # One URL, not kombu's ";"-joined list: on a connection error kombu switches to the
+        # next URL of the list and takes its scheme for the transport, which would swap
+        # pipeq's transport for kombu's own. The sentinels travel in a transport option.
+        app.conf.broker_transport = SENTINEL_TRANSPORT_NAME
+        app.conf.broker_url = app.conf.broker_url.split(";")[0]
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options, PREFIX_OPTION: settings.queue_prefix,
-        FAULTS_OPTION: settings.faults or ""}
+        FAULTS_OPTION: settings.faults or "", HOLDER_OPTION: service.hostname}
 
     def never_runs(**_: Any) -> None:
         """Jobs run in pipeq's batcher, never as a Celery task body (see broker.strategy)."""

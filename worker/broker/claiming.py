@@ -12,7 +12,9 @@ with one Lua script that pops them and records them in kombu's unacked hash and 
 same atomic step, in exactly the format kombu's own ``QoS.append`` writes, and says whether
 the queues hold more (claim again at once) or not (wait on the doorbell). From that instant
 a dead worker's message is restored after the visibility timeout like any other
-unacknowledged message. Requires Redis >= 6.2 (BLMOVE).
+unacknowledged message; the same step records which worker holds it, so that live workers
+hand it over as soon as that worker's lease lapses (``pipeq.worker.broker.handover``).
+Requires Redis >= 6.2 (BLMOVE).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import ResponseError
 
-from pipeq.core.keys import bell_of
+from pipeq.core.keys import Keys, bell_of
 from pipeq.core.redis_io import is_redis_full, load_lua
 
 log = logging.getLogger("pipeq.consumer")
@@ -48,9 +50,19 @@ def unsupported_redis(client: Any) -> str | None:
     """Why the Redis behind ``client`` cannot serve pipeq workers, or None if it can (or
     cannot be asked now: Celery then keeps retrying the connection)."""
     try:
-        version = str(client.info("server").get("redis_version", ""))
+        server = client.info("server")
+        version = str(server.get("redis_version", ""))
     except Exception:  # unreachable now, or INFO refused (some managed services)
         return None
+    mode = server.get("redis_mode")
+    if mode == "sentinel":
+        return ("PIPEQ_REDIS_URL names a Redis Sentinel, not a Redis server: give the sentinels "
+                "and the master's name, sentinel://host1:26379,host2:26379,host3:26379/0"
+                "?master=NAME")
+    if mode == "cluster":
+        return ("Redis Cluster is not supported: pipeq's and kombu's scripts and transactions "
+                "touch several keys of one route at once (see the README, \"Redis high "
+                "availability\"); use Sentinel, or one Redis per group of routes")
     try:
         found = tuple(int(p) for p in version.split(".")[:2])
     except ValueError:
@@ -109,9 +121,18 @@ class AckFlusher:
                 time.sleep(0.5)
 
     def _remove(self, tags: list[str]) -> None:
-        qos = self.channel.qos
-        with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
-            pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+        channel = self.channel
+        prefix = channel.global_keyprefix
+        # Unconditionally, also where another worker claimed the message again after this
+        # one's lease expired: an ack follows the job's final record, so the other copy
+        # would find the job finished anyway (pipeq.worker.broker.handover).
+        with channel.plain_client.pipeline() as pipe:
+            pipe.zrem(prefix + channel.unacked_index_key, *tags)
+            pipe.hdel(prefix + channel.unacked_key, *tags)
+            if channel.holder:
+                pipe.hdel(channel.keys.owners(), *tags)
+                pipe.hdel(channel.keys.held(channel.holder), *tags)
+            pipe.execute()
 
 
 class ClaimedQoS(kombu_redis.QoS):
@@ -165,6 +186,12 @@ class ClaimingChannel:
     _brpop_sent_at: Any
     connection_errors: tuple[type[BaseException], ...]
 
+    #: pipeq's keys (the deployment's prefix) and an unprefixed client for them.
+    keys: Keys
+    plain_client: Any
+    #: The holder claims are recorded under (the worker's hostname), "" for none: its lease
+    #: lets live workers hand its messages over (pipeq.worker.broker.handover).
+    holder: str = ""
     #: The delivery tag being delivered, when the claim wrote its unacked record (ClaimedQoS).
     recorded_claim: str | None = None
     #: Removes the unacked records of acknowledged messages in batches.
@@ -205,9 +232,11 @@ class ClaimingChannel:
     def _claim_args(self, queues: list[str], count: int = 1) -> list[Any]:
         prefix = self.global_keyprefix
         keys = self._serving_keys(queues)
-        return ["EVAL", CLAIM_SCRIPT, 3 + len(keys), prefix + self.unacked_key,
-                prefix + self.unacked_index_key, prefix + bell_of(queues[0]), *keys,
-                repr(time.time()), count]
+        return ["EVAL", CLAIM_SCRIPT, 5 + len(keys), prefix + self.unacked_key,
+                prefix + self.unacked_index_key, prefix + bell_of(queues[0]),
+                self.keys.owners(), self.keys.held(self.holder), *keys,
+                repr(time.time()), count, self.holder,
+                int(max(float(getattr(self, "visibility_timeout", 3600)), 1.0) * 1000)]
 
     def _redis_full(self, exc: Exception) -> None:
         """A claim refused by a full Redis took nothing (the script records before it pops):

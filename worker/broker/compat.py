@@ -24,9 +24,11 @@ REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "restore_visible")),
     ("kombu.transport.virtual", "QoS", ("append", "ack")),
     ("kombu.transport.redis", "Transport", ("Channel",)),
+    ("kombu.transport.redis", "SentinelChannel", ("_sentinel_managed_pool",)),
+    ("kombu.transport.redis", "SentinelTransport", ("Channel",)),
     ("celery.worker.consumer", "Consumer", (
         "on_send_event_buffered", "_flush_events", "on_decode_error", "on_unknown_message",
-        "on_invalid_task", "create_task_handler")),
+        "on_invalid_task", "create_task_handler", "ensure_connected")),
     ("celery.worker.state", "", ("reserved_requests", "active_requests")),
 )
 

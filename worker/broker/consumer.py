@@ -7,6 +7,7 @@ dead-letter list with the reason, then lets Celery drop it; the worker goes on.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ EVENT_FLUSH_S = 0.5
 #: Or as soon as this many task events wait (Celery's default is 24: under load that was a
 #: send every ~8 jobs).
 EVENT_BUFFER = 500
+#: Longest wait between two attempts to reach a lost broker (Celery logs each attempt).
+RECONNECT_MAX_S = 2.0
 
 
 class BatchedEventsConsumer(Consumer):
@@ -81,6 +84,16 @@ class PipeqConsumer(BatchedEventsConsumer):
                 raise
 
         return run
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Celery's reconnect loop, retrying sooner: kombu waits 2 s, then 4, 6 ... up to
+        30 s between attempts, so a Redis back (or a replica promoted by Sentinel) after
+        2.3 s was reached only after 6 s (measured in the failover test). Here the waits are
+        0.25 s, 0.5 s ... at most RECONNECT_MAX_S."""
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=0.25, interval_step=0.25,
+            interval_max=RECONNECT_MAX_S)
+        return super().ensure_connected(conn)
 
     def update_strategies(self) -> None:
         """Celery's strategies; every task but the route's (Celery's built-in tasks such as

@@ -27,8 +27,10 @@ from pipeq.worker.hooks import Middleware
 class JobView:
     """A job as ``celery inspect active/reserved`` lists it (Celery's ``Request.info``)."""
 
-    # __weakref__: Celery keeps its reserved and active requests in weak sets.
-    __slots__ = ("__weakref__", "delivery_info", "hostname", "id", "kwargs", "name",
+    # __weakref__: Celery keeps its reserved and active requests in weak sets. eventer:
+    # Celery hands every reserved request the new event dispatcher when it reconnects to the
+    # broker (pipeq sends events through the consumer's, so it is only kept).
+    __slots__ = ("__weakref__", "delivery_info", "eventer", "hostname", "id", "kwargs", "name",
                  "time_start")
 
     def __init__(self, job: JobInFlight, name: str, hostname: str):
@@ -39,6 +41,7 @@ class JobView:
         self.delivery_info = {"routing_key": job.request.route.id, "priority": 0,
                               "redelivered": None}
         self.time_start: float | None = None
+        self.eventer: Any = None
 
     def info(self, safe: bool = False) -> dict[str, Any]:
         """The fields ``celery inspect`` prints for a task."""

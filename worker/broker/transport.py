@@ -32,6 +32,7 @@ from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message
 
+from pipeq.core.celery_config import SENTINELS_OPTION
 from pipeq.core.deadletters import DeadLetters
 from pipeq.core.keys import Keys, bell_of
 from pipeq.core.publish import RING_SCRIPT
@@ -42,9 +43,12 @@ log = logging.getLogger("pipeq.consumer")
 
 #: The name ``broker_transport`` uses for this transport.
 TRANSPORT_NAME = "pipeq"
+#: The same on a Sentinel-managed Redis (``PIPEQ_REDIS_URL=sentinel://...``).
+SENTINEL_TRANSPORT_NAME = "pipeq-sentinel"
 #: Transport options carrying what the channel needs to know about the deployment.
 PREFIX_OPTION = "pipeq_prefix"
 FAULTS_OPTION = "pipeq_faults"
+HOLDER_OPTION = "pipeq_holder"
 #: How a control reply queue's name ends (kombu's pidbox: ``<client oid>.reply.celery.pidbox``).
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 #: How long an unread control reply stays in Redis: clients wait seconds for replies (Flower
@@ -85,12 +89,20 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         options = self.connection.client.transport_options
         self.keys = Keys(options.get(PREFIX_OPTION, "pipeq"))
+        self.holder = str(options.get(HOLDER_OPTION) or "")
         # An unprefixed client on the channel's pool: pipeq's own keys carry no broker prefix.
-        self.dead_letters = DeadLetters(redis.Redis(connection_pool=self.pool), self.keys)
+        self.plain_client = redis.Redis(connection_pool=self.pool)
+        self.dead_letters = DeadLetters(self.plain_client, self.keys)
         faults = options.get(FAULTS_OPTION)
         self.faults = FaultInjector(faults) if faults else None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            # Celery closes a channel again after collecting its connection (the broker was
+            # lost while messages were in hand): there is nothing to reach. kombu's close
+            # ignores a connection error; the AttributeError kombu would raise instead
+            # stopped the worker ("Unrecoverable error", seen in a Sentinel failover).
+            raise redis.ConnectionError("the broker connection was closed")
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._sync_client
@@ -143,10 +155,43 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
             self.qos._remove_from_indices(tag).execute()
 
 
+class PipeqSentinelChannel(PipeqChannel, kombu_redis.SentinelChannel):
+    """:class:`PipeqChannel` on the master a set of Redis sentinels names.
+
+    kombu's sentinel channel asks the sentinels for the master whenever its pool makes a
+    connection, and drops a connection to a master that became a replica (``READONLY``), so
+    a worker reconnecting after a failover reaches the new master.
+    """
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # kombu reads the sentinels off the connection's alternate URLs; pipeq gives one URL
+        # (see pipeq.worker.broker.app) and the sentinels in a transport option. Only this
+        # call reads ``alt``: it is put back at once.
+        client = self.connection.client
+        sentinels = client.transport_options.get(SENTINELS_OPTION) or []
+        kept = client.alt
+        client.alt = [f"sentinel://{_netloc(host, port)}" for host, port in sentinels] or kept
+        try:
+            return super()._sentinel_managed_pool(asynchronous)
+        finally:
+            client.alt = kept
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`PipeqChannel`."""
 
     Channel = PipeqChannel
 
 
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`PipeqSentinelChannel`."""
+
+    Channel = PipeqSentinelChannel
+
+
 TRANSPORT_ALIASES[TRANSPORT_NAME] = f"{__name__}:Transport"
+TRANSPORT_ALIASES[SENTINEL_TRANSPORT_NAME] = f"{__name__}:SentinelTransport"

@@ -9,11 +9,12 @@ for the job's original call (one input or a list), including transformers' own q
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from pipeq.worker.model.streamer import BatchTextStreamer, TextTarget, decode_options
 from pipeq.worker.model.wire import to_wire
 
 
@@ -52,9 +53,19 @@ class PipelineRunner:
         self.equal_lengths_only = (self.task == "automatic-speech-recognition"
                                    and getattr(pipe, "type", None) in ("ctc", "ctc_with_lm"))
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
-        """Outputs (wire values) for ``items``, in order, from a single pipeline call."""
+    def run(self, items: list[Any], params: dict[str, Any], *,
+            text: Sequence[TextTarget | None] | None = None,
+            on_step: Callable[[], None] | None = None) -> list[Any]:
+        """Outputs (wire values) for ``items``, in order, from a single pipeline call.
+
+        ``text``: per input, where its generated text streams to (None: it does not);
+        ``on_step`` runs after each decoding step of such a call.
+        """
         call = dict(params)
+        if text is not None and any(text):
+            call["streamer"] = BatchTextStreamer(self.pipe.tokenizer, text,
+                                                 decode_options(self.pipe.tokenizer, params),
+                                                 on_step)
         as_list = True
         if self.task == "feature-extraction":
             # Tensors travel as raw bytes; the producer rebuilds the lists tolist() gives.

@@ -9,6 +9,8 @@ Enabled only by the ``PIPEQ_FAULTS`` setting (never in production). A comma-sepa
 - ``transient=N``: the first N calls raise ConnectionError (must be retried);
 - ``slow_ms=N``: every call sleeps N ms first (long jobs, visibility timeout); with
   ``slow_marker=TEXT``, only calls containing an input with TEXT do (one job times out);
+- ``step_ms=N``: every decoding step of a generation call that streams sleeps N ms (a
+  stream long enough to kill its worker in the middle);
 - ``crash_marker=TEXT``: a call containing an input with TEXT kills the process (SIGKILL),
   as a segfaulting model would;
 - ``claim_crash_marker=TEXT``: a message whose job has TEXT kills the process (SIGKILL) the
@@ -61,6 +63,11 @@ class FaultInjector(Middleware):
         if above and len(items) > int(above):
             raise RuntimeError(
                 f"CUDA out of memory: batch of {len(items)} (injected above {above})")
+
+    def after_stream_step(self) -> None:
+        """Sleep, as configured, after a decoding step of a streaming generation call."""
+        if "step_ms" in self.options:
+            time.sleep(int(self.options["step_ms"]) / 1000)
 
     def after_claim(self, item: bytes) -> None:
         """Die, as configured, right after a message is taken off the queue."""

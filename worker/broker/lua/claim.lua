@@ -1,18 +1,26 @@
 -- Claim the oldest messages of a route's queues (see pipeq.worker.broker.claiming).
 -- KEYS[1] unacked hash, KEYS[2] unacked index, KEYS[3] the queues' doorbell
--- (pipeq.core.publish), KEYS[4..] queue lists in the order to serve.
+-- (pipeq.core.publish), KEYS[4] the holders' owner hash (delivery tag -> holder), KEYS[5]
+-- this holder's held hash (pipeq.worker.broker.handover), KEYS[6..] queue lists in the order
+-- to serve.
 -- ARGV[1] the claim time (the client's clock, as kombu's restore compares with it),
--- ARGV[2] the most messages to take.
+-- ARGV[2] the most messages to take, ARGV[3] the holder ('' : no hand-over records),
+-- ARGV[4] how long the hand-over records outlive the claim (ms; renewals extend it).
 -- Returns {more, key, item, recorded, key, item, recorded, ...}: more is 1 while a queue
 -- still holds a message. Leaving every queue empty, the claim silences the doorbell: waiting
 -- workers then block. Each unacked entry is built from the item's own bytes
 -- ('[' item ',' EX ',' RK ']'), so it is byte-for-byte the message kombu would restore. An
 -- item that is not a kombu message is returned unrecorded: the transport dead-letters it and
 -- nothing would ever restore it.
+-- With a holder, the same step records who holds the message and where it came from (its
+-- length inside the unacked entry, its queue and its doorbell, one per line: keys hold no
+-- newline), so that live workers can put it back, byte for byte, once the holder's lease
+-- expires (lua/lease.lua).
 local out = {0}
 local wanted = tonumber(ARGV[2]) or 1
+local holder = ARGV[3] or ''
 local taken = 0
-for i = 4, #KEYS do
+for i = 6, #KEYS do
   while taken < wanted do
     -- Read, record, and only then pop: a Redis at maxmemory refuses the record (HSET) before
     -- anything was taken, so a full Redis can never make a claim lose a message.
@@ -29,6 +37,10 @@ for i = 4, #KEYS do
           '[' .. item .. ',' .. cjson.encode(info.exchange) .. ','
           .. cjson.encode(info.routing_key) .. ']')
         redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        if holder ~= '' then
+          redis.call('HSET', KEYS[4], tag, holder)
+          redis.call('HSET', KEYS[5], tag, #item .. '\n' .. KEYS[i] .. '\n' .. KEYS[3])
+        end
         recorded = 1
       end
     end
@@ -39,7 +51,11 @@ for i = 4, #KEYS do
     taken = taken + 1
   end
 end
-for i = 4, #KEYS do
+if holder ~= '' and taken > 0 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  redis.call('PEXPIRE', KEYS[5], ARGV[4])
+end
+for i = 6, #KEYS do
   if redis.call('LLEN', KEYS[i]) > 0 then
     out[1] = 1
     return out
