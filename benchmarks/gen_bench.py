@@ -109,10 +109,11 @@ def closed_loop(remote: Any, cases: list[tuple[str, int]], expected: list[Any],
             prompt, new = cases[i]
             t0 = time.perf_counter()
             if streams:
-                first = None
-                for _piece in remote.stream(prompt, max_new_tokens=new, timeout=300, **GREEDY):
+                first, text = None, ""
+                for piece in remote.stream(prompt, max_new_tokens=new, timeout=300, **GREEDY):
                     first = first or time.perf_counter()
-                result = None  # the stream's text is checked by its own tests
+                    text += piece
+                result = [{"generated_text": prompt + text}]  # what the job's result holds
             else:
                 result = remote(prompt, max_new_tokens=new, timeout=300, **GREEDY)
                 first = time.perf_counter()
