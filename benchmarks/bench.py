@@ -10,6 +10,9 @@ Same machine, same run, same inputs (sentences of 4-48 words). Suites (``--suite
 - ``drain``: 3,000 jobs of a tiny model, pipeq against a raw Celery no-op task.
 - ``gw``: ``pipeq gateway`` against the Python client on the same worker: light-load p50
   added by HTTP, and throughput of 200 concurrent HTTP clients.
+- ``gen``: greedy text generation (a 4-layer GPT-2, 8-128 new tokens per request): in-process
+  one at a time, pipeq static micro-batching and pipeq continuous batching from a closed
+  loop of producers: tokens/s and p50/p99 time to first token (benchmarks/gen_bench.py).
 
 Prints requests/s, p50/p99 latency and each row's ratio to its workload's limit; writes the
 rows to a JSON file (``--out``).
@@ -34,6 +37,7 @@ from benchmarks.closed_loop import in_process_rows, naive_row, pipeq_rows  # noq
 from benchmarks.common import Setup, pipeq_worker  # noqa: E402
 from benchmarks.drain import drain_rows  # noqa: E402
 from benchmarks.gateway_bench import gateway_rows  # noqa: E402
+from benchmarks.gen_bench import gen_rows, print_gen_rows  # noqa: E402
 from benchmarks.open_loop import open_loop_rows  # noqa: E402
 from benchmarks.workload import sentences  # noqa: E402
 
@@ -83,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print/write its rows."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="fe,tc,drain,gw",
-                        help="comma-separated: fe, tc, drain, gw (default: all)")
+    parser.add_argument("--suites", default="fe,tc,drain,gw,gen",
+                        help="comma-separated: fe, tc, drain, gw, gen (default: all)")
+    parser.add_argument("--gen-count", type=int, default=96,
+                        help="generation requests of the gen suite")
+    parser.add_argument("--gen-producers", type=int, default=16,
+                        help="closed-loop producers of the gen suite")
     parser.add_argument("--count", type=int, default=1000, help="sentences per workload")
     parser.add_argument("--drain-count", type=int, default=3000, help="jobs of the drain")
     parser.add_argument("--producers", type=lambda s: [int(p) for p in s.split(",")],
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(redis_url, workdir, args.device, args.cpu_instances, args.batch,
                   redis_proc.pid)
     rows: list[dict[str, Any]] = []
+    generation: list[dict[str, Any]] = []
     try:
         for suite in args.suites.split(","):
             if suite in WORKLOADS:
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += drain_rows(setup, args.drain_count)
             elif suite == "gw":
                 rows += gateway_rows(setup, args.model, sentences(args.count))
+            elif suite == "gen":
+                generation += gen_rows(setup, args.gen_count, args.gen_producers)
             else:
                 parser.error(f"unknown suite {suite!r}")
     finally:
@@ -125,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
                f"{platform.python_version()}, device {args.device}")
     print_rows(rows, machine)
-    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    if generation:  # its own columns: tokens/s and time to first token
+        print_gen_rows(generation)
+    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows + generation},
+                                         indent=2))
     print(f"rows written to {args.out}")
     return 0
 

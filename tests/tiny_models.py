@@ -34,6 +34,8 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -249,6 +251,41 @@ def _build_gpt2(path: pathlib.Path) -> None:
     torch.manual_seed(SEED)
     model = GPT2LMHeadModel(config)
     # Only the token ids; do_sample/max_new_tokens stay unset so the pipeline's own defaults apply.
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos)
+    _save(model, tok, path)
+
+
+def build_generation_model(root: pathlib.Path, arch: str = "llama", *, layers: int = 2,
+                           hidden: int = 32) -> pathlib.Path:
+    """A tiny causal LM for text-generation beside the GPT-2 one: ``arch`` "llama" (rotary
+    positions, RMSNorm, grouped-query attention, SwiGLU) or "gpt2"; ``layers``/``hidden``
+    size it (the generation benchmark uses a 4-layer, 256-wide one so that a decoding step
+    costs something on a CPU). Built once per (arch, size) under ``root``."""
+    if arch not in ("llama", "gpt2"):
+        raise ValueError(f"unknown arch {arch!r}; expected llama or gpt2")
+    return build_once(f"text-generation-{arch}-{layers}x{hidden}", root,
+                      lambda path: _build_causal_lm(path, arch, layers, hidden))
+
+
+def _build_causal_lm(path: pathlib.Path, arch: str, layers: int, hidden: int) -> None:
+    tok = _gpt2_tokenizer()
+    eos = tok.eos_token_id
+    config: Any
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE,
+            bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False,
+        )
+        model_class: type[PreTrainedModel] = LlamaForCausalLM
+    else:
+        config = GPT2Config(vocab_size=len(tok), n_positions=MAX_POSITIONS, n_embd=hidden,
+                            n_layer=layers, n_head=4, initializer_range=INIT_RANGE,
+                            bos_token_id=eos, eos_token_id=eos)
+        model_class = GPT2LMHeadModel
+    torch.manual_seed(SEED)
+    model = model_class(config)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos)
     _save(model, tok, path)
 

@@ -8,6 +8,7 @@ worker runs, minus Celery and the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -21,11 +22,22 @@ from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.redis_guard import RedisGuard
 from pipeq.worker.service import RouteService
 
+if TYPE_CHECKING:
+    from pipeq.worker.batching.textstreams import Streams
+    from pipeq.worker.model.generation import ContinuousEngine
+
 
 def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname: str,
              runners: Sequence[PipelineRunner], *, call_overhead: float | None = None,
-             middleware: Sequence[Middleware] = ()) -> RouteService:
-    """The route's service, with its batcher attached (not yet started)."""
+             middleware: Sequence[Middleware] = (), engine: ContinuousEngine | None = None,
+             streams: Streams | None = None) -> RouteService:
+    """The route's service, with its batcher attached (not yet started).
+
+    ``engine``: a started continuous batching engine (``batching = "continuous"`` routes that
+    it serves); the static batcher then runs only the jobs it cannot honour. ``streams``:
+    where continuous jobs' text goes as it grows (``batching.textstreams``; default: the
+    jobs' Redis streams).
+    """
     hooks = Hooks(middleware)
     store = JobStore(client, settings.keys, settings.result_ttl_s)
     media = media_policy(spec, settings)
@@ -33,7 +45,17 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
                            run_timeout_s=spec.timeout_s, guard=RedisGuard())
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
                          call_overhead, settings.max_retries, settings.retry_backoff_s)
-    service.attach(MicroBatcher(runners, policy, service, hooks))
+    if engine is None:
+        service.attach(MicroBatcher(runners, policy, service, hooks))
+    else:
+        from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
+        from pipeq.worker.batching.textstreams import JobTextStreams
+
+        # The static path's calls and the loop's steps take turns on the model.
+        exclusive = [ExclusiveRunner(runner, engine) for runner in runners]
+        static = MicroBatcher(exclusive, policy, service, hooks)
+        streams = streams or JobTextStreams(engine.tokenizer)
+        service.attach(ContinuousBatcher(engine, static, service, hooks, streams))
     return service
 
 

@@ -40,6 +40,7 @@ from pipeq.worker.model.instances import replicate
 from pipeq.worker.model.loader import ModelLoadError
 from pipeq.worker.model.startup import (
     check_device,
+    continuous_engine,
     loaded_and_warm,
     measure_call_overhead,
     off_main_thread,
@@ -104,8 +105,10 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     bridge = CeleryBridge(settings.keys.task_name(spec.route), hostname)
     middleware.append(bridge)
     overhead = off_main_thread(lambda: measure_call_overhead(runner, skip=bool(settings.faults)))
+    engine = off_main_thread(lambda: continuous_engine(spec, runner))
+    batching = "continuous" if engine is not None else "static"
     service = assemble(spec, settings, client, hostname, replicate(runner, instances),
-                       call_overhead=overhead, middleware=middleware)
+                       call_overhead=overhead, middleware=middleware, engine=engine)
     settler = LoopSettler()
     service.settle_with(settler)
     # Claims are recorded under this worker's holder lease: should it fall silent (host cut
@@ -120,7 +123,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     heartbeat = Heartbeat(
         Registry(client, settings.keys, settings.heartbeat_s), hostname, spec.route, device,
         extra={"queue": settings.keys.queue(spec.route), "max_batch_size": spec.max_batch_size,
-               "instances": instances,
+               "instances": instances, "batching": batching,
                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                "host": socket.gethostname(), **extra},
         probe=probe, healthy=service.healthy,
@@ -135,9 +138,10 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
         heartbeat.mark_ready()
         service.hooks.after_ready()
         ready_log.info("pipeq worker ready: %s on %s, queue %s, batch <= %d inputs / %g ms, "
-                       "%d model instance(s), holds <= %d messages, hostname %s",
+                       "%s batching, %d model instance(s), holds <= %d messages, hostname %s",
                        spec.route.describe(), device, settings.keys.queue(spec.route),
-                       spec.max_batch_size, spec.max_wait_ms, instances, held, hostname)
+                       spec.max_batch_size, spec.max_wait_ms, batching, instances, held,
+                       hostname)
 
     def on_shutdown(warm: bool) -> None:
         # On the consumer's thread, its loop ended (see PipeqConsumer): the loop takes no

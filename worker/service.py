@@ -31,8 +31,7 @@ from pipeq.core.params import validate_params
 from pipeq.core.store import JobStore, Outcome
 from pipeq.core.validation import InputLimits, check_inputs
 from pipeq.errors import ValidationError
-from pipeq.worker.batching.batcher import Failure, MicroBatcher
-from pipeq.worker.batching.jobs import Delivery, Ended, JobInFlight
+from pipeq.worker.batching.jobs import Batcher, Delivery, Ended, Failure, JobInFlight
 from pipeq.worker.batching.textsinks import TextStreams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.media import BudgetClosed, MediaPolicy, MediaResolver
@@ -63,7 +62,7 @@ class RouteService:
         #: The route's run-time limit (RouteSpec.timeout_s), enforced per job.
         self.run_timeout_s = run_timeout_s
         self.guard = guard or RedisGuard()
-        self.batcher: MicroBatcher | None = None
+        self.batcher: Batcher | None = None
         self.dead_letters = DeadLetters(store.client, settings.keys)
         #: The Redis Streams of the jobs that stream their generated text.
         self.streams = TextStreams(store.client, settings.keys, settings.result_ttl_s,
@@ -91,7 +90,7 @@ class RouteService:
 
     # --- wiring and lifecycle ---------------------------------------------------------------
 
-    def attach(self, batcher: MicroBatcher) -> None:
+    def attach(self, batcher: Batcher) -> None:
         """Use ``batcher`` for this route's jobs."""
         self.batcher = batcher
 

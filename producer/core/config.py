@@ -79,12 +79,25 @@ class RouteSpec(BaseModel):
     allow_urls: bool = False
     #: Largest image/audio payload one input may carry (None: the PIPEQ_MAX_PAYLOAD_BYTES one).
     max_payload_bytes: Annotated[int, Field(ge=1)] | None = None
+    #: "static": micro-batches that run to their longest input's end; "continuous"
+    #: (text-generation only): requests join and leave the running batch at every decoding
+    #: step (transformers' continuous batching manager; see the README, "Serve a route").
+    batching: Literal["static", "continuous"] = "static"
 
     @field_validator("task")
     @classmethod
     def _served_task(cls, value: str) -> str:
         canonical_task(value)  # a removed or misspelled task is an error of the routes file
         return value
+
+    @model_validator(mode="after")
+    def _continuous_generates(self) -> RouteSpec:
+        # Continuous batching schedules decoding steps: only generation has them.
+        if self.batching == "continuous" and canonical_task(self.task) != "text-generation":
+            raise ValueError(
+                f"batching = \"continuous\" serves text-generation routes only, not "
+                f"{self.task!r}: remove it (or set batching = \"static\") for this route")
+        return self
 
     @cached_property
     def route(self) -> Route:

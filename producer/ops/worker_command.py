@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import click
+import pydantic
 
-from pipeq.core.config import RouteSpec, Settings
+from pipeq.core.config import RouteSpec, Settings, validation_problems
 from pipeq.core.contract import Route
 from pipeq.errors import ConfigError
 from pipeq.ops.cli import CONTEXT, settings_of
 
 #: Options that override the routing table's entry for the route (None: not given).
 _OVERRIDES = ("device", "dtype", "trust_remote_code", "max_batch_size", "max_wait_ms",
-              "max_batch_tokens", "cpu_instances", "allow_urls", "max_payload_bytes")
+              "max_batch_tokens", "cpu_instances", "allow_urls", "max_payload_bytes", "batching")
 
 
 @click.command(context_settings=CONTEXT)
@@ -43,6 +44,10 @@ _OVERRIDES = ("device", "dtype", "trust_remote_code", "max_batch_size", "max_wai
 @click.option("--cpu-instances", type=int, metavar="N",
               help="On a CPU, pipeline calls run side by side, each on cores/N threads "
                    "(default: 0 = automatic, 2 with 2+ cores; GPUs always 1).")
+@click.option("--batching", type=click.Choice(["static", "continuous"]),
+              help="static: micro-batches run to their longest input's end; continuous "
+                   "(text-generation): requests join and leave the running batch at every "
+                   "decoding step (default: static).")
 @click.option("--allow-urls", is_flag=True, default=None,
               help="Fetch http(s) URLs given as image/audio inputs (default: off).")
 @click.option("--max-payload-bytes", type=int,
@@ -90,4 +95,7 @@ def route_spec(options: dict[str, Any], settings: Settings) -> RouteSpec:
             task=route.task, model=model, revision=route.revision, tokenizer=route.tokenizer)
     given = {name: options.get(name) for name in _OVERRIDES}
     merged = base.model_dump() | {k: v for k, v in given.items() if v is not None}
-    return RouteSpec.model_validate(merged)
+    try:
+        return RouteSpec.model_validate(merged)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"pipeq worker: {validation_problems(exc)}") from None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.jobs import JobInFlight, Slot, input_length
+from pipeq.worker.batching.jobs import Failure, JobInFlight, Slot, input_length
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
@@ -58,10 +58,6 @@ class BatchPolicy:
     #: Transient errors: retries of the same call, with exponential backoff and jitter.
     max_retries: int = 3
     retry_backoff_s: float = 0.5
-
-
-#: A job to end early, its final state, error type and message.
-Failure = tuple[JobInFlight, JobState, str, str]
 
 
 class JobSink(Protocol):

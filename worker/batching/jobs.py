@@ -144,3 +144,31 @@ def input_length(item: Any) -> int:
     if isinstance(item, dict):
         return sum(len(v) for v in item.values() if isinstance(v, str))
     return 0
+
+
+#: A job to end early, its final state, error type and message.
+Failure = tuple[JobInFlight, JobState, str, str]
+
+
+class Batcher(Protocol):
+    """What the route service drives: the static ``MicroBatcher`` (``batching.batcher``), or
+    the continuous batcher of text-generation routes (``batching.continuous``)."""
+
+    @property
+    def alive(self) -> bool:
+        """True while every thread of the batcher runs."""
+
+    def start(self) -> None:
+        """Start the batcher's threads."""
+
+    def begin_shutdown(self) -> None:
+        """Start no more jobs; unstarted ones are handed back (``JobSink.return_jobs``)."""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the work in hand, then stop the threads."""
+
+    def submit(self, job: JobInFlight) -> None:
+        """Run every input of ``job``; ``job.done`` is set when it ends."""
+
+    def end_early(self, failures: list[Failure]) -> None:
+        """End jobs before all their inputs ran, with their failures."""
