@@ -58,13 +58,19 @@ def connect(settings: Settings, *, connect_timeout_s: float | None = None,
     """A client of the deployment's Redis: the one way pipeq builds one from its settings
     (the URL, ``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``, with the passwords
     and TLS settings that go with it). ``connect_timeout_s`` defaults to the setting's."""
-    return redis_client(
-        settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-        connect_timeout_s=(settings.connect_timeout_s if connect_timeout_s is None
-                           else connect_timeout_s),
-        socket_timeout_s=socket_timeout_s, password=settings.redis_password_value(),
-        sentinel_password=settings.sentinel_password_value(),
-        sentinel_tls=settings.sentinel_tls, **kwargs)
+    return redis_client(settings.redis_url_value(),
+                        **_client_options(settings, connect_timeout_s, socket_timeout_s), **kwargs)
+
+
+def _client_options(settings: Settings, connect_timeout_s: float | None,
+                    socket_timeout_s: float | None) -> dict[str, Any]:
+    """The keyword arguments of ``redis_client`` / ``async_redis_client`` from settings."""
+    return {"ssl_cert_reqs": settings.redis_ssl_cert_reqs,
+            "connect_timeout_s": (settings.connect_timeout_s if connect_timeout_s is None
+                                  else connect_timeout_s),
+            "socket_timeout_s": socket_timeout_s, "password": settings.redis_password_value(),
+            "sentinel_password": settings.sentinel_password_value(),
+            "sentinel_tls": settings.sentinel_tls}
 
 
 def redis_client(url: str, *, ssl_cert_reqs: str = "required", connect_timeout_s: float = 10.0,
@@ -136,12 +142,8 @@ def async_connect(settings: Settings, *, connect_timeout_s: float | None = None,
     """An asyncio client (``redis.asyncio``) of the deployment's Redis, built as
     :func:`connect` builds a client (any URL form, passwords, TLS)."""
     return async_redis_client(
-        settings.redis_url_value(), ssl_cert_reqs=settings.redis_ssl_cert_reqs,
-        connect_timeout_s=(settings.connect_timeout_s if connect_timeout_s is None
-                           else connect_timeout_s),
-        socket_timeout_s=socket_timeout_s, password=settings.redis_password_value(),
-        sentinel_password=settings.sentinel_password_value(),
-        sentinel_tls=settings.sentinel_tls, **kwargs)
+        settings.redis_url_value(),
+        **_client_options(settings, connect_timeout_s, socket_timeout_s), **kwargs)
 
 
 def async_redis_client(url: str, *, ssl_cert_reqs: str = "required",

@@ -21,8 +21,8 @@ from pipeq.core.contract import JobRequest, JobState, Route
 from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
 from pipeq.worker.batching.jobs import JobInFlight
-from pipeq.worker.batching.textstreams import TextSinkStreams
-from pipeq.worker.model.generation import ContinuousEngine, IncrementalText
+from pipeq.worker.batching.textstreams import JobTextStreams
+from pipeq.worker.model.generation import ContinuousEngine, GenerationPlan
 from pipeq.worker.model.loader import prepare_for_batching
 from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.testing import CallbackSink
@@ -31,18 +31,39 @@ PROMPTS = ["hello world", "The quick brown fox jumps over the lazy dog.", "a"]
 
 
 class RecordingSink:
-    """A text sink that keeps every piece per sequence and counts its ends."""
+    """A job's text sink (``JobTextSink``) that keeps every piece per input and counts how
+    often the batcher closed the job's streams."""
 
     def __init__(self) -> None:
         self.pieces: dict[int, list[str]] = {}
         self.ends = 0
 
-    def put(self, seq: int, text: str) -> None:
-        assert self.ends == 0, "a piece after end()"
-        self.pieces.setdefault(seq, []).append(text)
+    def put(self, index: int, seq: int, at: int, text: str) -> None:
+        assert self.ends == 0, "a piece after the job's streams were closed"
+        assert at == sum(map(len, self.pieces.get(index, []))), "a piece out of place"
+        self.pieces.setdefault(index, []).append(text)
 
-    def end(self) -> None:
-        self.ends += 1
+    def flush(self) -> None:
+        """Pieces are kept as they are put."""
+
+
+class RecordingStreams(JobTextStreams):
+    """The workers' own streams, over recording sinks: every job sent to the continuous
+    loop streams (as if submitted with stream=True); closing counts per job."""
+
+    def __init__(self, tokenizer: Any, sinks: dict[str, RecordingSink]):
+        super().__init__(tokenizer)
+        self.sinks = sinks
+
+    def open(self, job: JobInFlight, index: int, plan: GenerationPlan) -> Any:
+        if job.text is None:
+            job.text = self.sinks.setdefault(job.job_id, RecordingSink())  # type: ignore[assignment]
+        return super().open(job, index, plan)
+
+    def close(self, jobs: list[JobInFlight]) -> None:
+        for job in jobs:
+            if job.job_id in self.sinks:
+                self.sinks[job.job_id].ends += 1
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +85,12 @@ def batcher(pipe: Any) -> Iterator[tuple[ContinuousBatcher, dict[str, RecordingS
         with lock:
             finished.extend(j.job_id for j in jobs)
 
-    def stream(job: JobInFlight) -> RecordingSink:
-        return sinks.setdefault(job.job_id, RecordingSink())
-
     sink = CallbackSink(finish=finish)
     engine = ContinuousEngine.for_pipeline(pipe, max_requests=8)
     static = MicroBatcher([ExclusiveRunner(PipelineRunner(pipe), engine)],
                           BatchPolicy(max_batch_size=4, max_wait_ms=0), sink)
     continuous = ContinuousBatcher(engine, static, sink,
-                                   streams=TextSinkStreams(stream, engine.decode))
+                                   streams=RecordingStreams(pipe.tokenizer, sinks))
     continuous.start()
     yield continuous, sinks, finished
     continuous.stop(10)
@@ -137,13 +155,6 @@ def test_calls_it_cannot_honour_go_to_the_static_batcher(batcher: Any, pipe: Any
                                        num_beams=2, num_return_sequences=2)
     assert "beams" not in sinks  # the static path streams nothing here
     assert finished == ["beams"]
-
-
-def test_incremental_text_holds_back_half_characters() -> None:
-    texts = {1: "caf\ufffd", 2: "café ", 3: "café au", 4: "café au lait"}
-    stream = IncrementalText(lambda tokens: texts[len(tokens)])
-    pieces = [stream.update([0] * n, final=n == 4) for n in (1, 2, 3, 4)]
-    assert pieces == ["caf", "é", " au", " lait"]
 
 
 def test_a_failing_generation_loop_fails_its_jobs_and_starts_again(batcher: Any,

@@ -74,6 +74,17 @@ def test_entries_parse_from_redis_replies() -> None:
     assert parse_entry({b"what": b"ever"}) is None
 
 
+def test_the_decoder_holds_back_half_characters() -> None:
+    """Byte-level BPE decodes half a character as U+FFFD: no piece carries one, and the
+    pieces still join to the whole text."""
+    tokenizer = _gpt2_tokenizer()
+    ids = tokenizer("café au lait, crème brûlée", add_special_tokens=False)["input_ids"]
+    decoder = TextDecoder(tokenizer, {"skip_special_tokens": True})
+    pieces = [decoder.push([t])[1] for t in ids] + [decoder.finish()[1]]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("make", [_gpt2_tokenizer, _llama_tokenizer], ids=["gpt2", "llama"])
 def test_decoded_pieces_join_to_the_whole_decode(make: Any) -> None:
     tokenizer = make()

@@ -12,8 +12,7 @@ empty inputs) go to the static batcher on the same model, and say so in the log.
 Streaming (``batching.textstreams``): ``streams.open(job, index, plan)`` may give a stream
 for a prompt; the batcher pushes each decoding step's new tokens into it, flushes once per
 step, finishes it when the request ends and closes the job's streams when the job ends,
-before its record is stored. ``TextSinkStreams`` turns that into text pieces for a per-job
-``put(seq, text)`` / ``end()`` sink.
+before its record is stored. Workers use ``JobTextStreams``: the jobs' Redis text sinks.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,32 +82,6 @@ def continuous_plan(pipe: Any, params: dict[str, Any]) -> GenerationPlan | str:
     return GenerationPlan(max_new, bool(params.get("return_full_text", True)),
                           params.get("clean_up_tokenization_spaces"),
                           bool(params.get("skip_special_tokens", True)))
-
-
-class IncrementalText:
-    """A request's generated text as it grows, in pieces whose join is the final text.
-
-    Each update decodes every token so far and gives what is new. It holds back an
-    unfinished UTF-8 character (byte-level BPE decodes half a character as U+FFFD) and
-    trailing whitespace (clean-up may join it with what follows), until the text moves on.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self._decode = decode
-        self.sent = ""
-
-    def update(self, tokens: list[int], final: bool = False) -> str:
-        """The new piece of text after ``tokens`` ('' when nothing new is settled yet)."""
-        text = self._decode(tokens)
-        if not final:
-            text = text.rstrip("\ufffd").rstrip()
-        if not text.startswith(self.sent):
-            if final:  # the tokenizer's decoding is not prefix-stable: cannot take back text
-                log.warning("streamed text %r is no prefix of the final text %r", self.sent, text)
-            return ""
-        piece = text[len(self.sent):]
-        self.sent = text
-        return piece
 
 
 class ContinuousEngine:
