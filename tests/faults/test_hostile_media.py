@@ -249,9 +249,11 @@ def test_decoded_pixels_are_bounded_per_image_and_per_worker(hostile: Hostile) -
         over_budget.result(timeout=60)
     assert f"108,000,000 pixels decoded, over this worker's limit of {PIXEL_BUDGET:,}" in \
         info.value.remote_message
-    results = [job.result(timeout=120) for job in mediums]
-    assert all(r == results[0] for r in results)
-    assert_same(results[0], h.local_image(Image.open(io.BytesIO(medium))))
+    # Each against the local pipeline (within float tolerance): the six ran in batches of
+    # different sizes, which may change the last bits (one CI run saw unequal floats).
+    local = h.local_image(Image.open(io.BytesIO(medium)))
+    for job in mediums:
+        assert_same(job.result(timeout=120), local)
     print(f"\npixels: 6 bombs + 6 x 36 Mpx + 1 over budget in {time.monotonic() - started:.1f}s; "
           f"image worker peak RSS {peak_mb(h.image_worker):.0f} MB, address space "
           f"{peak_mb(h.image_worker, 'VmPeak'):.0f} MB (cap {CAP_MB} MB)")
