@@ -143,10 +143,17 @@ class ResultWaiter:
         item = self._conn.blpop([self.reply_key], timeout=self._poll_s)
         if item is None:
             return set()
-        items: list[Any] = [item[1]]
+        # The popped wake-up resolves its job before the rest of the list is read: under
+        # light load it is the only one, and its caller need not wait for one more round trip.
+        to_read = self._take_wakeups([item[1]])
         more: Any = self._conn.lpop(self.reply_key, 1000)
         if more:
-            items.extend(more)
+            to_read |= self._take_wakeups(more)
+        with self._lock:
+            return {i for i in to_read if i in self._futures}
+
+    def _take_wakeups(self, items: list[Any]) -> set[str]:
+        """Resolve the jobs whose records came with their wake-ups; the ids of the others."""
         to_read = set()
         for raw in items:
             job_id, record = reply_item(raw)
@@ -154,8 +161,7 @@ class ResultWaiter:
                 self.resolve(record)
             else:
                 to_read.add(job_id)
-        with self._lock:
-            return {i for i in to_read if i in self._futures}
+        return to_read
 
     def _poll_states(self, everyone: bool) -> set[str]:
         with self._lock:

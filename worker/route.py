@@ -17,6 +17,7 @@ from pipeq.core.store import JobStore
 from pipeq.worker.batching.batcher import GATHER_CALLS, BatchPolicy, MicroBatcher
 from pipeq.worker.hooks import Hooks, Middleware
 from pipeq.worker.model.fetch import parse_networks
+from pipeq.worker.model.instances import core_share
 from pipeq.worker.model.media import MediaPolicy
 from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.redis_guard import RedisGuard
@@ -46,7 +47,7 @@ def assemble(spec: RouteSpec, settings: Settings, client: redis.Redis, hostname:
     policy = BatchPolicy(spec.max_batch_size, spec.max_wait_ms, spec.max_batch_tokens,
                          call_overhead, settings.max_retries, settings.retry_backoff_s)
     if engine is None:
-        service.attach(MicroBatcher(runners, policy, service, hooks))
+        service.attach(MicroBatcher(runners, policy, service, hooks, cores=core_share(runners)))
     else:
         from pipeq.worker.batching.continuous import ContinuousBatcher, ExclusiveRunner
         from pipeq.worker.batching.textstreams import JobTextStreams

@@ -19,7 +19,7 @@ from pipeq.core.config import RouteSpec
 from pipeq.core.contract import JobRequest, Route
 from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.jobs import JobInFlight
-from pipeq.worker.model.instances import instance_plan, replicate
+from pipeq.worker.model.instances import CoreShare, core_share, instance_plan, replicate
 from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.testing import CallbackSink
 
@@ -61,6 +61,124 @@ class GatedRunner(PipelineRunner):
 def _job(inputs: list[str], job_id: str) -> JobInFlight:
     return JobInFlight(JobRequest(job_id=job_id, route=ROUTE, inputs=inputs, single=False,
                                   submitted_at=time.time()))
+
+
+def _call_site() -> tuple[str, int]:
+    import torch
+
+    return threading.current_thread().name, torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _core_share(instances: int, threads_per_call: int) -> Any:
+    import torch
+
+    before = torch.get_num_threads()  # CoreShare sets the process-wide count: restore it
+    cores = CoreShare(instances, threads_per_call)
+    try:
+        yield cores
+    finally:
+        cores.close()
+        torch.set_num_threads(before)
+
+
+def test_a_lone_call_runs_on_every_core_and_calls_beside_it_on_their_share() -> None:
+    with _core_share(2, 1) as cores:
+        name, threads = cores.run(_call_site, alone=True)
+        assert name.startswith("pipeq-lone-call") and threads == 2
+        seen: list[tuple[str, int]] = []
+
+        def instance_thread() -> None:
+            cores.own_share()
+            seen.append(cores.run(_call_site, alone=False))
+
+        thread = threading.Thread(target=instance_thread, name="instance")
+        thread.start()
+        thread.join(10)
+        assert seen == [("instance", 1)]
+
+
+def test_calls_wait_while_a_lone_call_runs_and_a_busy_worker_has_no_lone_call() -> None:
+    with _core_share(2, 1) as cores:
+        running, release = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def lone() -> None:
+            running.set()
+            release.wait(10)
+            order.append("lone")
+
+        first = threading.Thread(target=cores.run, args=(lone, True))
+        first.start()
+        assert running.wait(10)
+        second = threading.Thread(target=cores.run, args=(lambda: order.append("next"), False))
+        second.start()
+        time.sleep(0.2)
+        assert order == [], "a call started beside the lone call (threads beyond the cores)"
+        release.set()
+        first.join(10)
+        second.join(10)
+        assert order == ["lone", "next"]
+
+        # A call marked alone while another call runs keeps its own thread's share.
+        busy, done = threading.Event(), threading.Event()
+        other = threading.Thread(target=cores.run, args=(lambda: (busy.set(), done.wait(10)),
+                                                         False))
+        other.start()
+        assert busy.wait(10)
+        name, _ = cores.run(_call_site, alone=True)
+        done.set()
+        other.join(10)
+        assert name == threading.current_thread().name
+
+
+def test_core_share_is_off_where_an_extra_team_would_exceed_the_cores() -> None:
+    with _core_share(2, 4) as cores:  # 8 cores, 2 instances of 4 threads
+        assert not cores.enabled
+        assert cores.run(_call_site, alone=True)[0] == threading.current_thread().name
+    gpu = PipelineRunner(SimpleNamespace(task="feature-extraction", device="cuda:0"))
+    assert core_share([gpu, gpu]) is None
+
+
+class ThreadRecordingRunner(PipelineRunner):
+    """Answers each input with its length; records the thread of each call."""
+
+    def __init__(self, calls: list[tuple[int, str]]):
+        super().__init__(SimpleNamespace(task="feature-extraction", device="cpu"))
+        self.calls = calls
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        self.calls.append((len(items), threading.current_thread().name))
+        time.sleep(0.005)
+        return [len(i) for i in items]
+
+
+def test_light_traffic_runs_lone_requests_on_every_core_and_load_side_by_side() -> None:
+    calls: list[tuple[int, str]] = []
+    with _core_share(2, 1) as cores:
+        runners = [ThreadRecordingRunner(calls), ThreadRecordingRunner(calls)]
+        batcher = MicroBatcher(runners, BatchPolicy(max_batch_size=4, max_wait_ms=20),
+                               CallbackSink(), cores=cores)
+        batcher.start()
+        try:
+            for n in range(4):  # one request at a time
+                job = _job([f"alone {n}"], f"a{n}")
+                batcher.submit(job)
+                assert job.done.wait(10)
+                assert job.outcome is not None and job.outcome.payload == [len(f"alone {n}")]
+            lone = [name for _, name in calls]
+            # The first has no lone gather before it; then every one runs on every core.
+            assert not lone[0].startswith("pipeq-lone-call")
+            assert all(name.startswith("pipeq-lone-call") for name in lone[1:]), lone
+            calls.clear()
+            burst = [_job([f"busy {j} {n}" for n in range(6)], f"b{j}") for j in range(8)]
+            for job in burst:
+                batcher.submit(job)
+            for job in burst:
+                assert job.done.wait(10)
+            assert not any(name.startswith("pipeq-lone-call") for _, name in calls), calls
+        finally:
+            batcher.stop()
 
 
 def test_two_instances_run_calls_side_by_side_and_finish_each_job_once() -> None:

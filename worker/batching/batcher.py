@@ -19,6 +19,7 @@ inputs, so one bad input (or an out-of-memory batch) fails only its own job.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -35,6 +36,7 @@ from pipeq.worker.batching.jobs import Failure, JobInFlight, Slot, input_length
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
+from pipeq.worker.model.instances import CoreShare
 from pipeq.worker.model.runner import PipelineRunner, is_out_of_memory, is_transient, shape_result
 from pipeq.worker.model.streamer import TextTarget
 
@@ -78,11 +80,12 @@ class MicroBatcher:
     """Gathers inputs of many jobs into batched pipeline calls, run by one thread per runner.
 
     ``runners``: one :class:`PipelineRunner` per model instance (the same model; each call
-    runs on one of them at a time).
+    runs on one of them at a time). ``cores``: how the instances share a CPU's cores (a
+    lone call gets all of them); None: each call keeps its thread's torch threads.
     """
 
     def __init__(self, runners: PipelineRunner | Sequence[PipelineRunner], policy: BatchPolicy,
-                 sink: JobSink, hooks: Middleware | None = None):
+                 sink: JobSink, hooks: Middleware | None = None, cores: CoreShare | None = None):
         self.runners = [runners] if isinstance(runners, PipelineRunner) else list(runners)
         if not self.runners:
             raise ValueError("MicroBatcher needs at least one runner")
@@ -90,6 +93,7 @@ class MicroBatcher:
         self.policy = policy
         self.sink = sink
         self.hooks = hooks or Middleware()
+        self.cores = cores or CoreShare(1, 1)
         # Interactive inputs before bulk chunks' (batching.lanes); bulk ones sorted by length.
         self._queue: LaneQueue[Slot] = LaneQueue(plan_size=16 * policy.max_batch_size,
                                                  bulk_batch=policy.max_batch_size)
@@ -102,6 +106,8 @@ class MicroBatcher:
         self._stopping = threading.Event()
         self._returning = threading.Event()
         self._last_batch_size = 0
+        #: Gathers in a row that found a single input: light traffic when it reaches 2.
+        self._single_gathers = 0
         #: One thread gathers (and starts jobs, and plans calls) at a time.
         self._gather_lock = threading.Lock()
         #: Planned calls no thread has taken yet, in plan order.
@@ -132,6 +138,8 @@ class MicroBatcher:
         deadline = time.monotonic() + timeout
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if not self.alive:  # (a thread still running may yet hand a lone call over)
+            self.cores.close()
 
     def end_early(self, failures: list[Failure]) -> None:
         """End jobs before all their inputs ran (deadline, run-time limit, bad media): each
@@ -150,12 +158,17 @@ class MicroBatcher:
 
     # the batching threads
     def _loop(self, runner: PipelineRunner) -> None:
+        self.cores.own_share()
         while True:
             call = self._next_call()
             if call is None:
                 return
             try:
-                self._run(runner, call)
+                # A lone request under light traffic (the gather before found one input
+                # too) may run on every core (CoreShare); under load calls run side by side.
+                alone = (len(call) == 1 and self._single_gathers >= 2 and not self._ready
+                         and self._queue.empty())
+                self.cores.run(functools.partial(self._run, runner, call), alone)
                 # Jobs whose inputs are all done end now, not after the whole gather.
                 self._complete(_unique(s.job for s in call))
             except Exception:  # never let a batching thread die: fail the jobs instead
@@ -222,6 +235,7 @@ class MicroBatcher:
                 slots.append(slot)
                 self._drain(slots, limit)
         self._last_batch_size = len(slots)
+        self._single_gathers = self._single_gathers + 1 if len(slots) == 1 else 0
         return slots
 
     def _drain(self, slots: list[Slot], limit: int) -> None:

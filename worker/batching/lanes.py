@@ -99,6 +99,11 @@ class LaneQueue(Generic[T]):
                     raise queue.Empty
                 self._cond.wait(remaining)
 
+    def empty(self) -> bool:
+        """True when no input waits (a snapshot: another thread may put one at once)."""
+        with self._cond:
+            return not (self._interactive or self._pending or self._plan)
+
     def get_nowait(self) -> T | None:
         """The next input of the batch being formed, or ``queue.Empty``."""
         return self.get(block=False)
