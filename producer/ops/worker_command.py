@@ -43,7 +43,8 @@ _OVERRIDES = ("device", "dtype", "trust_remote_code", "max_batch_size", "max_wai
               help="Cap on padded length x batch size per call (default: 0, no cap).")
 @click.option("--cpu-instances", type=int, metavar="N",
               help="On a CPU, pipeline calls run side by side, each on cores/N threads "
-                   "(default: 0 = automatic, 2 with 2+ cores; GPUs always 1).")
+                   "(default: 0 = automatic, 2 with 2+ cores; GPUs always 1). With one "
+                   "thread per instance a lone request's call runs on every core.")
 @click.option("--batching", type=click.Choice(["static", "continuous"]),
               help="static: micro-batches run to their longest input's end; continuous "
                    "(text-generation): requests join and leave the running batch at every "
