@@ -66,7 +66,7 @@ class EchoRunner(PipelineRunner):
 
 
 class CallbackSink:
-    """A :class:`~pipeq.worker.batching.batcher.JobSink` made of callables (each optional):
+    """A :class:`~pipeq.worker.batching.jobs.JobSink` made of callables (each optional):
     for tests that drive the batcher alone, without Redis."""
 
     def __init__(self, start: Callable[[list[JobInFlight]], None] | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compare import assert_same
 from conftest import ROOT, Deployment, WorkerProcess
 from gateway_support import (
     SECRET_A,
@@ -94,7 +95,7 @@ def test_submit_with_wait_returns_what_the_python_client_returns(stack: Stack) -
     body = reply.json()
     assert body["status"] == "SUCCESS" and body["error"] is None
     assert reply.headers["location"] == f"/v1/jobs/{body['id']}"
-    assert body["result"] == stack.dep.remote(TASK, stack.model)(texts)
+    assert_same(body["result"], stack.dep.remote(TASK, stack.model)(texts))
 
 
 def test_submit_without_wait_is_accepted_then_read_with_prefer_wait(stack: Stack) -> None:
@@ -104,7 +105,7 @@ def test_submit_without_wait_is_accepted_then_read_with_prefer_wait(stack: Stack
     assert job["status"] == "PENDING" and job["route"]["model"] == stack.model
     got = curl(stack.gateway.url + reply.headers["location"], headers={"Prefer": "wait=30"})
     assert got.status == 200 and got.json()["status"] == "SUCCESS", got.text
-    assert got.json()["result"] == stack.dep.remote(TASK, stack.model)("I love it")
+    assert_same(got.json()["result"], stack.dep.remote(TASK, stack.model)("I love it"))
     inline = curl(stack.gateway.url + "/v1/jobs", "POST", stack.job("ok"),
                   headers={"Prefer": "respond-async, wait=30"})
     assert inline.status == 200 and inline.headers["preference-applied"] == "wait=30"
@@ -226,7 +227,7 @@ def test_node_fetch_client(stack: Stack) -> None:
     out = subprocess.run(["node", str(script), stack.gateway.url, SECRET_A, TASK, stack.model,
                           "I love it"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == stack.dep.remote(TASK, stack.model)("I love it")
+    assert_same(json.loads(out.stdout), stack.dep.remote(TASK, stack.model)("I love it"))
 
 
 # --- webhooks ----------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_a_webhook_failing_three_times_is_delivered_once_signed(stack: Stack) ->
     assert len({d.headers["webhook-id"] for d in got}) == 1
     event = Webhook(WEBHOOK_SECRET).verify(got[-1].body, got[-1].headers)
     assert event["type"] == "job.success" and event["data"]["id"] == job["id"]
-    assert event["data"]["result"] == stack.dep.remote(TASK, stack.model)("hook me")
+    assert_same(event["data"]["result"], stack.dep.remote(TASK, stack.model)("hook me"))
     metrics = curl(stack.gateway.url + "/metrics", secret=None).text
     assert "pipeq_webhooks_failed_attempts_total 3" in metrics
 

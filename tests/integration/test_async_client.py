@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compare import assert_same
 from conftest import ROOT, Deployment
 from tiny_models import build_text_model
 
@@ -61,7 +62,8 @@ def test_asubmit_returns_a_job_whose_async_methods_work(remote: RemotePipeline) 
     job, status, result, awaited, final, cancelled = run(scenario())
     assert isinstance(job, Job)
     assert status in ("PENDING", "STARTED", "SUCCESS")
-    assert result == awaited == remote("I love it")
+    assert result == awaited
+    assert_same(result, remote("I love it"))
     assert final == "SUCCESS" and cancelled is False
 
 
@@ -71,7 +73,7 @@ def test_acall_returns_the_result_and_many_run_at_once(remote: RemotePipeline) -
     async def scenario() -> list[Any]:
         return list(await asyncio.gather(*(remote.acall(t, timeout=60) for t in texts)))
 
-    assert run(scenario()) == [remote(t) for t in texts]
+    assert_same(run(scenario()), [remote(t) for t in texts])
 
 
 def test_aresult_of_an_unknown_id_is_job_not_found(remote: RemotePipeline) -> None:
@@ -102,13 +104,13 @@ def test_a_client_closes_also_as_async_with(module_deployment: Deployment,
     async def scenario() -> Client:
         async with Client(module_deployment.settings) as client:
             job = await RemotePipeline(remote.route, client).asubmit("closing time")
-            assert await job.aresult(timeout=30) == remote("closing time")
+            assert_same(await job.aresult(timeout=30), remote("closing time"))
         return client
 
     client = run(scenario())
     assert client._executor is None and client.waiter._stopping.is_set()
     with Client(module_deployment.settings) as again:
-        assert RemotePipeline(remote.route, again)("and again") == remote("and again")
+        assert_same(RemotePipeline(remote.route, again)("and again"), remote("and again"))
 
 
 def test_the_fastapi_example_app(module_deployment: Deployment, remote: RemotePipeline,
@@ -128,12 +130,12 @@ def test_the_fastapi_example_app(module_deployment: Deployment, remote: RemotePi
     spec.loader.exec_module(example)
     expected = remote("great")
     with TestClient(example.app) as http:
-        assert http.post("/classify", json={"text": "great"}).json() == expected
+        assert_same(http.post("/classify", json={"text": "great"}).json(), expected)
         job_id = http.post("/jobs", json={"text": "great"}).json()["id"]
         deadline = time.monotonic() + 30
         while (read := http.get(f"/jobs/{job_id}").json())["status"] != "SUCCESS":
             assert time.monotonic() < deadline, read
             time.sleep(0.1)
-        assert read["result"] == expected
+        assert_same(read["result"], expected)
         assert http.get("/jobs/no-such-job").status_code == 404
         assert http.post("/classify", json={"text": ""}).status_code in (200, 422)

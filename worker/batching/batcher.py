@@ -29,10 +29,9 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.jobs import Failure, JobInFlight, Slot, input_length
+from pipeq.worker.batching.jobs import Failure, JobInFlight, JobSink, Slot, input_length
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
@@ -60,20 +59,6 @@ class BatchPolicy:
     #: Transient errors: retries of the same call, with exponential backoff and jitter.
     max_retries: int = 3
     retry_backoff_s: float = 0.5
-
-
-class JobSink(Protocol):
-    """What the batcher tells about jobs (the route service implements it)."""
-
-    def start_jobs(self, jobs: list[JobInFlight]) -> None:
-        """Jobs enter their first batch: mark them STARTED, or give those that must not run
-        (cancelled, expired, poison) their outcome."""
-
-    def finish_jobs(self, jobs: list[JobInFlight]) -> None:
-        """Jobs have their outcome: store the records, then settle the messages."""
-
-    def return_jobs(self, jobs: list[JobInFlight]) -> None:
-        """Jobs were not started because the worker stops: hand their messages back."""
 
 
 class MicroBatcher:

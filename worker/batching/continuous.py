@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.batcher import JobSink, MicroBatcher
-from pipeq.worker.batching.jobs import Failure, JobInFlight
+from pipeq.worker.batching.batcher import MicroBatcher
+from pipeq.worker.batching.jobs import Failure, JobInFlight, JobSink
 from pipeq.worker.batching.textstreams import RequestStream, Streams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.generation import ContinuousEngine, GenerationPlan, continuous_plan

@@ -172,3 +172,17 @@ class Batcher(Protocol):
 
     def end_early(self, failures: list[Failure]) -> None:
         """End jobs before all their inputs ran, with their failures."""
+
+
+class JobSink(Protocol):
+    """What the batcher tells about jobs (the route service implements it)."""
+
+    def start_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs enter their first batch: mark them STARTED, or give those that must not run
+        (cancelled, expired, poison) their outcome."""
+
+    def finish_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs have their outcome: store the records, then settle the messages."""
+
+    def return_jobs(self, jobs: list[JobInFlight]) -> None:
+        """Jobs were not started because the worker stops: hand their messages back."""
