@@ -19,7 +19,13 @@ from pipeq.core.config import RouteSpec
 from pipeq.core.contract import JobRequest, Route
 from pipeq.worker.batching.batcher import BatchPolicy, MicroBatcher
 from pipeq.worker.batching.jobs import JobInFlight
-from pipeq.worker.model.instances import CoreShare, core_share, instance_plan, replicate
+from pipeq.worker.model.instances import (
+    LONE_CALL_WAIT_S,
+    CoreShare,
+    core_share,
+    instance_plan,
+    replicate,
+)
 from pipeq.worker.model.runner import PipelineRunner
 from pipeq.worker.testing import CallbackSink
 
@@ -98,7 +104,11 @@ def test_a_lone_call_runs_on_every_core_and_calls_beside_it_on_their_share() -> 
         assert seen == [("instance", 1)]
 
 
-def test_calls_wait_while_a_lone_call_runs_and_a_busy_worker_has_no_lone_call() -> None:
+def test_calls_wait_while_a_lone_call_runs_and_a_busy_worker_has_no_lone_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeq.worker.model import instances
+
+    monkeypatch.setattr(instances, "LONE_CALL_WAIT_S", 30.0)  # (the cap is tested below)
     with _core_share(2, 1) as cores:
         running, release = threading.Event(), threading.Event()
         order: list[str] = []
@@ -119,6 +129,21 @@ def test_calls_wait_while_a_lone_call_runs_and_a_busy_worker_has_no_lone_call() 
         first.join(10)
         second.join(10)
         assert order == ["lone", "next"]
+
+        # A long lone call holds a call that becomes ready for LONE_CALL_WAIT_S at most.
+        monkeypatch.setattr(instances, "LONE_CALL_WAIT_S", LONE_CALL_WAIT_S)
+        running.clear()
+        release.clear()
+        first = threading.Thread(target=cores.run, args=(lone, True))
+        first.start()
+        assert running.wait(10)
+        started = time.monotonic()
+        beside = cores.run(_call_site, alone=False)
+        waited = time.monotonic() - started
+        release.set()
+        first.join(10)
+        assert LONE_CALL_WAIT_S <= waited < LONE_CALL_WAIT_S + 2, waited
+        assert beside[0] == threading.current_thread().name
 
         # A call marked alone while another call runs keeps its own thread's share.
         busy, done = threading.Event(), threading.Event()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -26,6 +27,10 @@ from typing import Any, TypeVar
 from pipeq.worker.model.runner import PipelineRunner
 
 T = TypeVar("T")
+
+#: How long a call that becomes ready waits for a lone call to end before it starts beside
+#: it anyway (a lone call may be long: a generation, a slow input).
+LONE_CALL_WAIT_S = 0.05
 
 #: Instances on a CPU when the route does not say (``cpu_instances = 0``).
 AUTO_CPU_INSTANCES = 2
@@ -84,7 +89,8 @@ class CoreShare:
     *alone* (one input, nothing else planned or queued) that starts while no other call runs
     goes to one dedicated thread whose torch threads are every core; calls that become
     ready meanwhile wait for it (one lone call: milliseconds) rather than start beside it,
-    because threads beyond the cores stall every call at the model's thread barriers.
+    because threads beyond the cores stall every call at the model's thread barriers; but
+    never longer than ``LONE_CALL_WAIT_S``, so that a long lone call holds up no one.
 
     Why one dedicated thread, set once, rather than raising the count per call: OpenMP
     (torch's CPU threads) keeps a team of threads for each thread that runs a parallel
@@ -127,15 +133,17 @@ class CoreShare:
 
     def run(self, call: Callable[[], T], alone: bool) -> T:
         """``call()``: on every core when ``alone`` and no other call runs, else on this
-        thread's share; waits while a lone call runs."""
+        thread's share; waits while a lone call runs (at most ``LONE_CALL_WAIT_S``)."""
         if not self.enabled or self._lone is None:
             return call()
+        deadline = time.monotonic() + LONE_CALL_WAIT_S
         with self._changed:
-            while self._lone_running:
-                self._changed.wait()
+            while self._lone_running and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
             lone = alone and self._running == 0
             self._running += 1
-            self._lone_running = lone
+            if lone:
+                self._lone_running = True
         try:
             return self._lone.submit(call).result() if lone else call()
         finally:
