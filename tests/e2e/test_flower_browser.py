@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,8 @@ class FlowerSite:
     log: Path
     #: A job cancelled while queued, before the worker started.
     cancelled_id: str = ""
+    #: The route's worker (a WorkerProcess).
+    worker: Any = None
 
     def api(self, path: str, *, user: str = USER, password: str = PASSWORD) -> Any:
         """GET a Flower API path with basic auth; the decoded JSON."""
@@ -104,7 +107,7 @@ def flower(module_deployment: Deployment, models_dir: Path) -> Iterator[FlowerSi
         queued = dep.remote(TASK, model).submit("cancel me", require_worker=False)
         assert queued.cancel() is True
         site.cancelled_id = queued.id
-        dep.start_worker(TASK, model, env={"PIPEQ_FAULTS": FAULTS})
+        site.worker = dep.start_worker(TASK, model, env={"PIPEQ_FAULTS": FAULTS})
         yield site
     finally:
         proc.terminate()
@@ -273,7 +276,14 @@ def test_failed_expired_timed_out_and_cancelled_jobs_read_as_flower_states(
     failed = remote.submit(f"{FAIL_MARKER} breaks the model")
     with pytest.raises(JobFailed) as failure:
         failed.result(60)
-    expired = remote.submit("too late", timeout=0.001)
+    # Frozen, the worker cannot start the job before its deadline (a deadline of 1 ms alone
+    # was sometimes met: the job started within it and succeeded).
+    flower.worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        expired = remote.submit("too late", timeout=0.2)
+        time.sleep(0.5)
+    finally:
+        flower.worker.proc.send_signal(signal.SIGCONT)
     with pytest.raises(JobExpired):
         expired.result(30)
     slow = remote.submit(f"{SLOW_MARKER} runs past its deadline", timeout=1.0)
