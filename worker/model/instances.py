@@ -86,7 +86,8 @@ class CoreShare:
     Side by side, each instance's call runs on one core (``instance_plan``); but under light
     load a lone request then runs on one core while the others idle (MiniLM on 2 cores: a
     call took 19 ms in the worker against 13 ms on both cores). A call the batcher marks
-    *alone* (one input, nothing else planned or queued) that starts while no other call runs
+    *alone* (one input under light traffic: the gather before found one input too, and
+    nothing else is planned or queued) that starts while no other call runs
     goes to one dedicated thread whose torch threads are every core; calls that become
     ready meanwhile wait for it (one lone call: milliseconds) rather than start beside it,
     because threads beyond the cores stall every call at the model's thread barriers; but
@@ -103,16 +104,22 @@ class CoreShare:
     """
 
     def __init__(self, instances: int, threads_per_call: int):
-        self.enabled = instances > 1 and threads_per_call == 1
         self.share = threads_per_call
         self.every = threads_per_call * instances
         self._changed = threading.Condition()
         self._running = 0
         self._lone_running = False
+        #: The lone call's thread; None where the share is off (one instance, or several
+        #: threads per instance).
         self._lone: ThreadPoolExecutor | None = None
-        if self.enabled:
+        if instances > 1 and threads_per_call == 1:
             self._lone = ThreadPoolExecutor(1, thread_name_prefix="pipeq-lone-call")
             self._lone.submit(self._take_every_core).result()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a lone call can get every core here."""
+        return self._lone is not None
 
     def _take_every_core(self) -> None:
         import torch
@@ -134,7 +141,7 @@ class CoreShare:
     def run(self, call: Callable[[], T], alone: bool) -> T:
         """``call()``: on every core when ``alone`` and no other call runs, else on this
         thread's share; waits while a lone call runs (at most ``LONE_CALL_WAIT_S``)."""
-        if not self.enabled or self._lone is None:
+        if self._lone is None:
             return call()
         deadline = time.monotonic() + LONE_CALL_WAIT_S
         with self._changed:
