@@ -17,7 +17,13 @@ import click
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.logs import setup_logging
 from pipeq.ops.exits import Exit
-from pipeq.worker.ops.devices import DeviceError, parse_gpus, resolve_device, visible_gpu_ids
+from pipeq.worker.ops.devices import (
+    DeviceError,
+    parse_gpus,
+    resolve_device,
+    short_openmp_spin,
+    visible_gpu_ids,
+)
 
 log = logging.getLogger("pipeq.worker")
 
@@ -35,6 +41,7 @@ class WorkerRun:
     def run(self) -> int:
         """Serve (or supervise) until stopped; returns the process exit code."""
         setup_logging(self.settings.log_level, self.settings.log_json)
+        short_openmp_spin()  # before torch loads libgomp, which reads it once
         try:
             gpus = self.gpu_ids()
             if gpus is not None:

@@ -306,3 +306,31 @@ def test_instances_share_the_model_and_answer_like_the_original_from_two_threads
         thread.join(120)
     assert not errors, errors
     assert [got[n] for n in range(len(prompts))] == expected
+
+
+def test_worker_openmp_threads_spin_briefly_unless_the_operator_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from pipeq.worker.ops.devices import WORKER_OPENMP_SPIN, short_openmp_spin
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == str(WORKER_OPENMP_SPIN)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    short_openmp_spin()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    # libgomp reads it once, when torch loads it: the worker command must not import torch
+    # before WorkerRun.run sets it.
+    loaded = subprocess.run(
+        [sys.executable, "-P", "-c", "import sys, pipeq.ops.cli, pipeq.ops.worker_command, "
+         "pipeq.worker.start; print('torch' in sys.modules)"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"
