@@ -200,7 +200,8 @@ class ClaimingChannel:
     _claim_next = True
     #: Redis refused the last claim because it is full: wait a second before the next.
     _pause_next = False
-    _pending: str = ""
+    #: The commands sent and not yet answered, in order.
+    _pending: list[str] = []  # noqa: RUF012 - replaced, never changed in place
 
     QoS = ClaimedQoS
 
@@ -260,49 +261,65 @@ class ClaimingChannel:
         if self._pause_next:
             # A blocking read of a key that never exists: a pause that does not block the
             # event loop (BLMOVE, a write, would be refused by a full Redis too).
-            command: list[Any] = ["BLPOP", self.global_keyprefix + "pipeq.pause", 1]
+            commands: list[list[Any]] = [["BLPOP", self.global_keyprefix + "pipeq.pause", 1]]
         elif self._claim_next:
-            command = self._claim_args(queues, self._claim_count())
+            commands = [self._claim_args(queues, self._claim_count())]
         else:
             # Until the doorbell rings, or one poll interval: a message queued without
-            # ringing it (by a plain Celery client) is still served.
+            # ringing it (by a plain Celery client) is still served. The claim is sent
+            # with the wait: Redis runs a connection's commands in order, so it runs the
+            # moment BLMOVE returns, which saves the round trip between wake-up and claim
+            # (~0.35 ms of a lone request). Its claim time is when the wait began, at most
+            # one poll interval early: LeaseKeeper renews held claims' times anyway.
             wait = timeout if timeout is not None else self.brpop_timeout
             bell = self.global_keyprefix + bell_of(queues[0])
-            command = ["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1]
-        self._pending = str(command[0])
-        self._in_poll = self.client.connection
+            commands = [["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1],
+                        self._claim_args(queues, self._claim_count())]
+        self._pending = [str(command[0]) for command in commands]
+        connection = self.client.connection
+        self._in_poll = connection
         self._brpop_sent_at = time.monotonic()
-        self.client.connection.send_command(*command)
+        # One write: a health check (PING) between the two would read the wait's reply.
+        connection.send_packed_command(connection.pack_commands(commands))
 
     def _brpop_read(self, **options: Any) -> bool:
+        replies: list[Any] = []
+        errors: list[tuple[str, ResponseError]] = []
         try:
-            try:
-                reply = self.client.parse_response(self.client.connection, self._pending,
-                                                   **options)
-            except ResponseError as exc:
-                if "unknown command" in str(exc).lower() and self._pending == "BLMOVE":
-                    raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
-                                       f"the broker says: {exc}") from exc
-                if not is_redis_full(exc):
+            # Every reply is read, also after an error: the next command must find none.
+            for command in self._pending:
+                try:
+                    replies.append(self.client.parse_response(self.client.connection,
+                                                              command, **options))
+                except ResponseError as exc:
+                    replies.append(None)
+                    errors.append((command, exc))
+                except self.connection_errors:
+                    self.client.connection.disconnect()
                     raise
-                self._redis_full(exc)
-                raise Empty() from None
-            except self.connection_errors:
-                self.client.connection.disconnect()
-                raise
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
-        if self._pending in ("BLMOVE", "BLPOP"):  # rung, paused, or a poll interval: look
+        delivered = False
+        if self._pending[-1] != "EVAL":  # paused, or a lone wait (none is sent now)
             self._claim_next, self._pause_next = True, False
+        elif not errors or errors[-1][0] != "EVAL":
+            reply = replies[-1]
+            # Claim again at once only while the queues hold more: else wait on the doorbell.
+            self._claim_next = bool(reply and reply[0])
+            for i in range(1, len(reply or []), 3):
+                key, item, recorded = reply[i:i + 3]
+                self._deliver_claimed(key, item, bool(recorded))
+                delivered = True
+        for command, exc in errors:
+            if "unknown command" in str(exc).lower() and command == "BLMOVE":
+                raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
+                                   f"the broker says: {exc}") from exc
+            if not is_redis_full(exc):
+                raise exc
+            self._redis_full(exc)
+        if not delivered:
             raise Empty()
-        # Claim again at once only while the queues hold more: else wait on the doorbell.
-        self._claim_next = bool(reply and reply[0])
-        claimed = [reply[i:i + 3] for i in range(1, len(reply or []), 3)]
-        if not claimed:
-            raise Empty()
-        for key, item, recorded in claimed:
-            self._deliver_claimed(key, item, bool(recorded))
         return True
 
     def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> None:
