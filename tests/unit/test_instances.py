@@ -157,6 +157,37 @@ def test_calls_wait_while_a_lone_call_runs_and_a_busy_worker_has_no_lone_call(
         assert name == threading.current_thread().name
 
 
+def test_a_lone_calls_results_are_stored_on_its_own_thread_once_others_may_start() -> None:
+    """``then`` (the batcher stores the jobs' results) runs where the call ran, after the
+    cores are free again: a call that becomes ready meanwhile does not wait for it."""
+    with _core_share(2, 1) as cores:
+        storing, stored = threading.Event(), threading.Event()
+        seen: list[Any] = []
+
+        def store() -> None:
+            seen.append(threading.current_thread().name)
+            storing.set()
+            stored.wait(10)
+
+        caller = threading.Thread(target=lambda: seen.append(
+            cores.run(_call_site, alone=True, then=store)))
+        caller.start()
+        assert storing.wait(10)
+        started = time.monotonic()
+        beside = cores.run(_call_site, alone=False)  # while the results are being stored
+        assert time.monotonic() - started < LONE_CALL_WAIT_S
+        stored.set()
+        caller.join(10)
+        assert seen[0].startswith("pipeq-lone-call")
+        assert seen[1] == (seen[0], 2)  # the call's own result, returned after ``then``
+        assert beside[0] == threading.current_thread().name
+        # Without a share, ``then`` runs on the caller's thread, after the call.
+    with _core_share(2, 4) as cores:
+        order: list[str] = []
+        cores.run(lambda: order.append("call"), alone=True, then=lambda: order.append("then"))
+        assert order == ["call", "then"]
+
+
 def test_core_share_is_off_where_an_extra_team_would_exceed_the_cores() -> None:
     with _core_share(2, 4) as cores:  # 8 cores, 2 instances of 4 threads
         assert not cores.enabled

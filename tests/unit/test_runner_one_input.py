@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 pytest.importorskip("torch")
-from tiny_models import build_text_model  # noqa: E402 - after the skip
+from tiny_models import build_text_model
 
-from pipeq.core.config import RouteSpec  # noqa: E402
-from pipeq.worker.model.loader import load_pipeline  # noqa: E402
-from pipeq.worker.model.runner import PipelineRunner, skips_data_loader  # noqa: E402
+from pipeq.core.config import RouteSpec
+from pipeq.worker.model.loader import load_pipeline
+from pipeq.worker.model.runner import PipelineRunner, skips_data_loader
 
 TEXTS = ["Hello, my name is Alice and I live in Paris.", "hi there"]
 CALLS: list[tuple[str, list[Any], dict[str, Any]]] = [

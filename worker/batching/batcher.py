@@ -153,9 +153,10 @@ class MicroBatcher:
                 # too) may run on every core (CoreShare); under load calls run side by side.
                 alone = (len(call) == 1 and self._single_gathers >= 2 and not self._ready
                          and self._queue.empty())
-                self.cores.run(functools.partial(self._run, runner, call), alone)
                 # Jobs whose inputs are all done end now, not after the whole gather.
-                self._complete(_unique(s.job for s in call))
+                self.cores.run(functools.partial(self._run, runner, call), alone,
+                               then=functools.partial(self._complete,
+                                                      _unique(s.job for s in call)))
             except Exception:  # never let a batching thread die: fail the jobs instead
                 log.exception("call of %d inputs failed unexpectedly", len(call))
                 self._fail_unexpected(call)

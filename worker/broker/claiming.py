@@ -201,7 +201,7 @@ class ClaimingChannel:
     #: Redis refused the last claim because it is full: wait a second before the next.
     _pause_next = False
     #: The commands sent and not yet answered, in order.
-    _pending: list[str] = []  # noqa: RUF012 - replaced, never changed in place
+    _pending: list[str] = []
 
     QoS = ClaimedQoS
 
@@ -283,23 +283,7 @@ class ClaimingChannel:
         connection.send_packed_command(connection.pack_commands(commands))
 
     def _brpop_read(self, **options: Any) -> bool:
-        replies: list[Any] = []
-        errors: list[tuple[str, ResponseError]] = []
-        try:
-            # Every reply is read, also after an error: the next command must find none.
-            for command in self._pending:
-                try:
-                    replies.append(self.client.parse_response(self.client.connection,
-                                                              command, **options))
-                except ResponseError as exc:
-                    replies.append(None)
-                    errors.append((command, exc))
-                except self.connection_errors:
-                    self.client.connection.disconnect()
-                    raise
-        finally:
-            self._in_poll = None
-            self._flush_brpop_reauth()
+        replies, errors = self._read_replies(options)
         delivered = False
         if self._pending[-1] != "EVAL":  # paused, or a lone wait (none is sent now)
             self._claim_next, self._pause_next = True, False
@@ -321,6 +305,28 @@ class ClaimingChannel:
         if not delivered:
             raise Empty()
         return True
+
+    def _read_replies(self, options: dict[str, Any]
+                      ) -> tuple[list[Any], list[tuple[str, ResponseError]]]:
+        """The replies of the pending commands (None for an error) and their errors."""
+        replies: list[Any] = []
+        errors: list[tuple[str, ResponseError]] = []
+        try:
+            # Every reply is read, also after an error: the next command must find none.
+            for command in self._pending:
+                try:
+                    replies.append(self.client.parse_response(self.client.connection,
+                                                              command, **options))
+                except ResponseError as exc:
+                    replies.append(None)
+                    errors.append((command, exc))
+                except self.connection_errors:
+                    self.client.connection.disconnect()
+                    raise
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+        return replies, errors
 
     def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> None:
         """Hand one claimed item to kombu (and Celery); a bad item is the transport's to

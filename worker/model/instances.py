@@ -138,11 +138,17 @@ class CoreShare:
             torch.get_num_threads()
             torch.set_num_threads(self.share)
 
-    def run(self, call: Callable[[], T], alone: bool) -> T:
+    def run(self, call: Callable[[], T], alone: bool,
+            then: Callable[[], object] | None = None) -> T:
         """``call()``: on every core when ``alone`` and no other call runs, else on this
-        thread's share; waits while a lone call runs (at most ``LONE_CALL_WAIT_S``)."""
+        thread's share; waits while a lone call runs (at most ``LONE_CALL_WAIT_S``).
+
+        ``then()`` runs next on the same thread, once other calls may start: a lone call's
+        thread stores its jobs' results itself rather than waking this thread to do it
+        (~0.1 ms of a lone request).
+        """
         if self._lone is None:
-            return call()
+            return self._call_then(call, then, None)
         deadline = time.monotonic() + LONE_CALL_WAIT_S
         with self._changed:
             while self._lone_running and (left := deadline - time.monotonic()) > 0:
@@ -151,14 +157,32 @@ class CoreShare:
             self._running += 1
             if lone:
                 self._lone_running = True
+        if not lone:
+            return self._call_then(call, then, False)
         try:
-            return self._lone.submit(call).result() if lone else call()
+            future = self._lone.submit(self._call_then, call, then, True)
+        except BaseException:  # not submitted (shut down): its share is free again
+            self._release(True)
+            raise
+        return future.result()
+
+    def _call_then(self, call: Callable[[], T], then: Callable[[], object] | None,
+                   lone: bool | None) -> T:
+        try:
+            result = call()
         finally:
-            with self._changed:
-                self._running -= 1
-                if lone:
-                    self._lone_running = False
-                self._changed.notify_all()
+            if lone is not None:
+                self._release(lone)
+        if then is not None:
+            then()
+        return result
+
+    def _release(self, lone: bool) -> None:
+        with self._changed:
+            self._running -= 1
+            if lone:
+                self._lone_running = False
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop the lone call's thread (after the last call)."""
