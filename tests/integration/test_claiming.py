@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from queue import Empty
 from typing import Any
 
 import pytest
 import redis
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu import Connection, Exchange, Producer, Queue
 
 from pipeq.worker.broker.claiming import CLAIM_SCRIPT, unsupported_redis
 from pipeq.worker.broker.transport import PREFIX_OPTION, Transport
@@ -104,55 +102,6 @@ def test_one_claim_takes_up_to_its_limit_across_queues(redis_url: str, prefix: s
     assert got == [0, a.encode(), b"a1", 0, a.encode(), b"a2", 0, b.encode(), b"b1", 0]
     client.lpush(a, "a3", "a4")
     assert client.eval(CLAIM_SCRIPT, 7, *keys, "0", "1") == [1, a.encode(), b"a3", 0]
-
-
-def test_a_waiting_channel_claims_as_the_doorbell_rings_in_the_same_round_trip(
-        connection: Connection, redis_url: str, prefix: str) -> None:
-    """The claim is sent with the wait on the doorbell: Redis runs it as BLMOVE returns, so
-    the read that sees the doorbell ring delivers the message too."""
-    client = redis.Redis.from_url(redis_url)
-    queue = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
-    got: list[Any] = []
-    channel: Any = connection.default_channel
-    consumer = Consumer(channel, [queue], accept=["json"],
-                        callbacks=[lambda body, message: got.append((body, message))])
-    consumer.consume()
-    reads: list[bool] = []
-    real_read = channel._brpop_read
-
-    def read(**options: Any) -> bool:
-        try:
-            reads.append(real_read(**options))
-        except Empty:
-            reads.append(False)
-            raise
-        return reads[-1]
-
-    channel.handlers["BRPOP"] = read  # what kombu's poller calls
-    draining = threading.Thread(target=connection.drain_events, kwargs={"timeout": 10})
-    draining.start()
-    try:
-        # While it waits, its claim sits in Redis already, behind the blocked BLMOVE.
-        deadline = time.monotonic() + 5
-        while not (waiting := [c for c in client.client_list() if c["cmd"] == "blmove"]):
-            assert time.monotonic() < deadline, "the channel never waited on the doorbell"
-            time.sleep(0.01)
-        assert len(waiting) == 1 and int(waiting[0]["qbuf"]) > 0, waiting
-        reads.clear()
-        other = Connection(redis_url, transport=Transport,
-                           transport_options=dict(connection.transport_options))
-        try:
-            publish(other, "rang")  # also rings the doorbell
-        finally:
-            other.release()
-    finally:
-        draining.join(15)
-    assert not draining.is_alive()
-    assert reads == [True]  # the read that saw the ring delivered the message
-    assert [body for body, _ in got] == [{"text": "rang"}]
-    assert client.hget(prefix + "unacked", got[0][1].delivery_tag) is not None  # recorded
-    assert not client.exists(prefix + "jobs.bell")  # emptied: silenced
-    got[0][1].ack()
 
 
 class FakeInfo:

@@ -200,8 +200,7 @@ class ClaimingChannel:
     _claim_next = True
     #: Redis refused the last claim because it is full: wait a second before the next.
     _pause_next = False
-    #: The commands sent and not yet answered, in order.
-    _pending: list[str] = []
+    _pending: str = ""
 
     QoS = ClaimedQoS
 
@@ -261,72 +260,52 @@ class ClaimingChannel:
         if self._pause_next:
             # A blocking read of a key that never exists: a pause that does not block the
             # event loop (BLMOVE, a write, would be refused by a full Redis too).
-            commands: list[list[Any]] = [["BLPOP", self.global_keyprefix + "pipeq.pause", 1]]
+            command: list[Any] = ["BLPOP", self.global_keyprefix + "pipeq.pause", 1]
         elif self._claim_next:
-            commands = [self._claim_args(queues, self._claim_count())]
+            command = self._claim_args(queues, self._claim_count())
         else:
             # Until the doorbell rings, or one poll interval: a message queued without
-            # ringing it (by a plain Celery client) is still served. The claim is sent
-            # with the wait: Redis runs a connection's commands in order, so it runs the
-            # moment BLMOVE returns, which saves the round trip between wake-up and claim
-            # (~0.35 ms of a lone request). Its claim time is when the wait began, at most
-            # one poll interval early: LeaseKeeper renews held claims' times anyway.
+            # ringing it (by a plain Celery client) is still served. The claim is not sent
+            # along (Redis would run it as BLMOVE returns, a round trip less): a worker
+            # frozen while it waits would then take a message it cannot run.
             wait = timeout if timeout is not None else self.brpop_timeout
             bell = self.global_keyprefix + bell_of(queues[0])
-            commands = [["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1],
-                        self._claim_args(queues, self._claim_count())]
-        self._pending = [str(command[0]) for command in commands]
-        connection = self.client.connection
-        self._in_poll = connection
+            command = ["BLMOVE", bell, bell, "RIGHT", "RIGHT", wait or 1]
+        self._pending = str(command[0])
+        self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        # One write: a health check (PING) between the two would read the wait's reply.
-        connection.send_packed_command(connection.pack_commands(commands))
+        self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options: Any) -> bool:
-        replies, errors = self._read_replies(options)
-        delivered = False
-        if self._pending[-1] != "EVAL":  # paused, or a lone wait (none is sent now)
-            self._claim_next, self._pause_next = True, False
-        elif not errors or errors[-1][0] != "EVAL":
-            reply = replies[-1]
-            # Claim again at once only while the queues hold more: else wait on the doorbell.
-            self._claim_next = bool(reply and reply[0])
-            for i in range(1, len(reply or []), 3):
-                key, item, recorded = reply[i:i + 3]
-                self._deliver_claimed(key, item, bool(recorded))
-                delivered = True
-        for command, exc in errors:
-            if "unknown command" in str(exc).lower() and command == "BLMOVE":
-                raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
-                                   f"the broker says: {exc}") from exc
-            if not is_redis_full(exc):
-                raise exc
-            self._redis_full(exc)
-        if not delivered:
-            raise Empty()
-        return True
-
-    def _read_replies(self, options: dict[str, Any]
-                      ) -> tuple[list[Any], list[tuple[str, ResponseError]]]:
-        """The replies of the pending commands (None for an error) and their errors."""
-        replies: list[Any] = []
-        errors: list[tuple[str, ResponseError]] = []
         try:
-            # Every reply is read, also after an error: the next command must find none.
-            for command in self._pending:
-                try:
-                    replies.append(self.client.parse_response(self.client.connection,
-                                                              command, **options))
-                except ResponseError as exc:
-                    replies.append(None)
-                    errors.append((command, exc))
-                except self.connection_errors:
-                    self.client.connection.disconnect()
+            try:
+                reply = self.client.parse_response(self.client.connection, self._pending,
+                                                   **options)
+            except ResponseError as exc:
+                if "unknown command" in str(exc).lower() and self._pending == "BLMOVE":
+                    raise RuntimeError("pipeq workers need Redis >= 6.2 (BLMOVE): "
+                                       f"the broker says: {exc}") from exc
+                if not is_redis_full(exc):
                     raise
+                self._redis_full(exc)
+                raise Empty() from None
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
-        return replies, errors
+        if self._pending in ("BLMOVE", "BLPOP"):  # rung, paused, or a poll interval: look
+            self._claim_next, self._pause_next = True, False
+            raise Empty()
+        # Claim again at once only while the queues hold more: else wait on the doorbell.
+        self._claim_next = bool(reply and reply[0])
+        claimed = [reply[i:i + 3] for i in range(1, len(reply or []), 3)]
+        if not claimed:
+            raise Empty()
+        for key, item, recorded in claimed:
+            self._deliver_claimed(key, item, bool(recorded))
+        return True
 
     def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> None:
         """Hand one claimed item to kombu (and Celery); a bad item is the transport's to
