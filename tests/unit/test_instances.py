@@ -181,7 +181,7 @@ def test_a_lone_calls_results_are_stored_on_its_own_thread_once_others_may_start
         assert seen[0].startswith("pipeq-lone-call")
         assert seen[1] == (seen[0], 2)  # the call's own result, returned after ``then``
         assert beside[0] == threading.current_thread().name
-        # Without a share, ``then`` runs on the caller's thread, after the call.
+    # Without a share, ``then`` runs on the caller's thread, after the call.
     with _core_share(2, 4) as cores:
         order: list[str] = []
         cores.run(lambda: order.append("call"), alone=True, then=lambda: order.append("then"))

@@ -48,9 +48,19 @@ def test_a_batch_of_one_answers_like_the_data_loader_path(
     model = minilm_path if task == "feature-extraction" else str(build_text_model(task, tiny))
     spec = RouteSpec(task=task, model=model)
     runner = PipelineRunner(load_pipeline(spec, "cpu"))
-    reference = load_pipeline(spec, "cpu")  # transformers' own get_iterator: the DataLoader
     assert skips_data_loader(runner.pipe)
-    expected = [PipelineRunner(reference).run([x], params) for x in inputs]
+    reference = PipelineRunner(load_pipeline(spec, "cpu"))
+    del reference.pipe.get_iterator  # back to transformers' own: through the DataLoader
+    loaders: list[Any] = []
+    real_loader = base.DataLoader
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loaders.append(args)
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(base, "DataLoader", counted)
+    expected = [reference.run([x], params) for x in inputs]
+    assert len(loaders) == len(inputs)  # the reference did go through the DataLoader
     monkeypatch.setattr(base, "DataLoader", NoDataLoader)
     assert [runner.run([x], params) for x in inputs] == expected
     with pytest.raises(AssertionError, match="DataLoader"):  # batches of two still use it

@@ -148,7 +148,7 @@ class CoreShare:
         (~0.1 ms of a lone request).
         """
         if self._lone is None:
-            return self._call_then(call, then, None)
+            return self._call_then(call, then, False)
         deadline = time.monotonic() + LONE_CALL_WAIT_S
         with self._changed:
             while self._lone_running and (left := deadline - time.monotonic()) > 0:
@@ -167,11 +167,11 @@ class CoreShare:
         return future.result()
 
     def _call_then(self, call: Callable[[], T], then: Callable[[], object] | None,
-                   lone: bool | None) -> T:
+                   lone: bool) -> T:
         try:
             result = call()
         finally:
-            if lone is not None:
+            if self._lone is not None:  # (no share: nothing was counted)
                 self._release(lone)
         if then is not None:
             then()
