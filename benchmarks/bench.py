@@ -77,8 +77,9 @@ def print_rows(rows: list[dict[str, Any]], machine: str) -> None:
     print(f"{'row':78} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x limit':>7}")
     for r in rows:
         notes = "".join(f"  {key}={r[key]}" for key in (
-            "x_ceiling", "added_p50_ms", "x_raw_celery", "submit_ms_per_job",
-            "queue_overhead_ms", "x_raw_celery_overhead", "x_python_client") if key in r)
+            "x_ceiling", "added_p50_ms", "added_over_idle_p50_ms", "cores_busy", "x_raw_celery",
+            "submit_ms_per_job", "queue_overhead_ms", "x_raw_celery_overhead",
+            "x_python_client") if key in r)
         print(f"{r['row']:78} {r.get('req_per_s', ''):>8} {r.get('p50_ms', ''):>8} "
               f"{r.get('p99_ms', ''):>8} {r.get('x_limit', ''):>7}{notes}")
 

@@ -6,6 +6,10 @@ group sorted and split into calls of at most 8: what a server with zero overhead
 for producers that each wait for their answer). Naive Celery: one task per request, one
 pipeline call per task, JSON results. pipeq: single requests from N producers, list jobs,
 a bulk ``map()``, and light load (one request at a time: p50 added over the in-process call).
+
+Single-request rows also say where the machine's cores went: CPU per job of the producer
+(this process), the worker and Redis, and the cores busy in all (``cores_busy``), because in
+this benchmark the producers and Redis share the cores the model runs on.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import time
 import uuid
 from typing import Any
 
-from benchmarks.common import Setup, concurrent, percentile, pipeq_worker, row, start
+from benchmarks.common import Setup, concurrent, cpu_seconds, percentile, pipeq_worker, row, start
+
+#: The pause before each call of the light-load row's idle reference: about the time a
+#: worker's cores rest between two requests under light load (the queue's hops, ~5-6 ms).
+IDLE_PAUSE_S = 0.005
 
 
 def in_process_rows(task: str, model: str, texts: list[str], setup: Setup, producers: int,
@@ -94,9 +102,17 @@ def pipeq_rows(task: str, model: str, texts: list[str], setup: Setup, producer_c
     with pipeq_worker(setup, task, model) as remote:
         remote(texts[:16])
         for producers in producer_counts:
+            pids = {"producer": None, "worker": remote.worker_pid}  # None: this process
+            if setup.redis_pid:
+                pids["redis"] = setup.redis_pid
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             seconds, latencies = concurrent(texts, producers, lambda t: remote(t))
+            used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
             rows.append(row(f"{label}: pipeq single requests, {producers} producers",
-                            len(texts), seconds, latencies, producers=producers))
+                            len(texts), seconds, latencies, producers=producers,
+                            **{f"cpu_ms_{name}": round(1000 * cpu / len(texts), 2)
+                               for name, cpu in used.items()},
+                            cores_busy=round(sum(used.values()) / seconds, 2)))
         chunks = [texts[i:i + list_size] for i in range(0, len(texts), list_size)]
         list_producers = max(1, min(4, len(chunks)))
         seconds, latencies = concurrent(chunks, list_producers, lambda c: remote(c))
@@ -115,10 +131,17 @@ def light_load_row(remote: Any, local: Any, texts: list[str], label: str,
     """One request at a time: blocks of ``block`` texts called in-process, then the same
     texts through pipeq, in turn, so that drift in a shared machine's speed falls on both
     (alternating every call instead let the idle worker's model threads slow the next local
-    call). p50 added over the local call."""
+    call). p50 added over the local call (``added_p50_ms``, the goal's measure).
+
+    A third block calls the local pipeline again, each call after an idle pause
+    (``IDLE_PAUSE_S``): back-to-back local calls run on busy cores, while a worker's call
+    always follows a rest of its cores (the request's way to it), and on a VM a call after
+    a rest is slower by itself. ``added_over_idle_p50_ms`` is the p50 added over that call:
+    what the queue adds beyond the machine's own cost of waking up.
+    """
     import torch
 
-    lat, local_lat = [], []
+    lat, local_lat, idle_lat = [], [], []
     for first in range(0, len(texts), block):
         part = texts[first:first + block]
         with torch.inference_mode():
@@ -126,11 +149,19 @@ def light_load_row(remote: Any, local: Any, texts: list[str], label: str,
                 t0 = time.perf_counter()
                 local(text)
                 local_lat.append(time.perf_counter() - t0)
+            for text in part:
+                time.sleep(IDLE_PAUSE_S)
+                t0 = time.perf_counter()
+                local(text)
+                idle_lat.append(time.perf_counter() - t0)
         for text in part:
             t0 = time.perf_counter()
             remote(text)
             lat.append(time.perf_counter() - t0)
     added = percentile(lat, 50) - percentile(local_lat, 50)
+    added_over_idle = percentile(lat, 50) - percentile(idle_lat, 50)
     return row(f"{label}: pipeq light load (1 at a time)", len(texts), sum(lat), lat,
                added_p50_ms=round(1000 * added, 2),
-               local_p50_ms=round(1000 * percentile(local_lat, 50), 2))
+               local_p50_ms=round(1000 * percentile(local_lat, 50), 2),
+               local_after_idle_p50_ms=round(1000 * percentile(idle_lat, 50), 2),
+               added_over_idle_p50_ms=round(1000 * added_over_idle, 2))

@@ -1,0 +1,47 @@
+"""The light-load row of `make bench`: the remote p50 over the back-to-back local call and
+over the local call after an idle pause, each taken from the same alternating blocks."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+
+from benchmarks import closed_loop
+
+
+def test_light_load_row_reports_both_local_references(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    pytest.importorskip("torch")
+    monkeypatch.setattr(closed_loop, "IDLE_PAUSE_S", 0.02)
+    calls: list[str] = []
+    # The local call is slower after a pause, as on a VM: the row must see it only in the
+    # idle reference.
+    last_end = [time.perf_counter()]
+
+    def local(text: str) -> None:
+        rested = time.perf_counter() - last_end[0] > 0.01
+        calls.append(("idle " if rested else "local ") + text)
+        time.sleep(0.004 if rested else 0.002)
+        last_end[0] = time.perf_counter()
+
+    def remote(text: str) -> None:
+        calls.append("remote " + text)
+        time.sleep(0.006)
+        last_end[0] = time.perf_counter()
+
+    texts = [f"t{i}" for i in range(8)]
+    got = closed_loop.light_load_row(remote, local, texts, "x", block=4)
+    # Blocks of 4: back-to-back local, local after a pause, then remote, in turn.
+    assert [c.split()[0] for c in calls[:12]] == ["local"] * 4 + ["idle"] * 4 + ["remote"] * 4
+    assert [c.split()[1] for c in calls[:12]] == ["t0", "t1", "t2", "t3"] * 3
+    assert got["requests"] == 8
+    assert 1.5 < got["local_p50_ms"] < got["local_after_idle_p50_ms"] < got["p50_ms"]
+    assert got["added_p50_ms"] == pytest.approx(got["p50_ms"] - got["local_p50_ms"], abs=0.02)
+    assert got["added_over_idle_p50_ms"] == pytest.approx(
+        got["p50_ms"] - got["local_after_idle_p50_ms"], abs=0.02)
+    assert got["added_over_idle_p50_ms"] < got["added_p50_ms"]
