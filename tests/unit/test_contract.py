@@ -42,6 +42,22 @@ def test_route_id_is_stable_across_instances() -> None:
     assert first.id == "text-classification.tiny-model.d4a36249b4"
 
 
+def test_reading_the_cached_route_id_changes_neither_wire_nor_equality() -> None:
+    # Route.id is cached on the instance: it must not leak into the message (workers refuse
+    # unknown fields) nor make a route that was asked for its id differ from one that was not.
+    asked = Route(task="text-classification", model=MODEL)
+    assert asked.id == asked.id == Route(task="text-classification", model=MODEL).id
+    fresh = Route(task="text-classification", model=MODEL)
+    assert asked.model_dump() == fresh.model_dump() == {
+        "task": "text-classification", "model": MODEL, "revision": None, "tokenizer": None}
+    assert asked.model_dump_json() == fresh.model_dump_json()
+    assert asked == fresh and hash(asked) == hash(fresh)
+    request = JobRequest.model_validate(_request())
+    request.route.id  # noqa: B018 - caches it
+    again = JobRequest.model_validate_json(request.model_dump_json())
+    assert again == request and again.route.id == request.route.id
+
+
 def test_route_id_is_readable_and_safe_for_queue_names() -> None:
     route = Route(task="text-generation", model="/models/my model!/distil gpt2/")
     assert route.id.startswith("text-generation.distil-gpt2.")
