@@ -117,3 +117,38 @@ def test_old_redis_is_refused_with_the_reason(redis_url: str) -> None:
     assert unsupported_redis(FakeInfo("7.2.4")) is None
     problem = unsupported_redis(FakeInfo("6.0.16"))
     assert problem is not None and "Redis 6.0.16 is too old" in problem and ">= 6.2" in problem
+
+
+def test_a_rung_doorbell_sends_the_claim_before_the_loop_turns(
+        connection: Connection, prefix: str, redis_url: str) -> None:
+    """Reading the ring sends the claim at once; the loop's next turn must not send another
+    (two commands in flight would desynchronise the replies: wrong or lost messages)."""
+    client = redis.Redis.from_url(redis_url)
+    queue = Queue("jobs", Exchange("jobs", type="direct"), routing_key="jobs")
+    got: list[str] = []
+    after_ring: list[str] = []
+    channel: Any = connection.default_channel
+    read = channel.handlers["BRPOP"]
+
+    def traced_read(**options: Any) -> Any:
+        rung = channel._pending == "BLMOVE"
+        try:
+            return read(**options)
+        finally:
+            if rung:
+                after_ring.append(channel._pending)
+
+    channel.handlers["BRPOP"] = traced_read
+    with connection.Consumer(queue, accept=["json"],
+                             callbacks=[lambda body, msg: (got.append(body["text"]),
+                                                           msg.ack())]):
+        for n in range(3):
+            with pytest.raises(TimeoutError):  # nothing queued: the claim finds nothing,
+                connection.drain_events(timeout=0.3)  # then the channel waits on the bell
+            assert channel._pending == "BLMOVE"
+            publish(connection, f"m{n}")
+            client.lpush(prefix + "jobs.bell", "1")
+            connection.drain_events(timeout=5)
+            assert got == [f"m{i}" for i in range(n + 1)]
+    assert after_ring == ["EVAL"] * 3
+    assert client.llen(prefix + "jobs") == 0

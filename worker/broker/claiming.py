@@ -297,6 +297,11 @@ class ClaimingChannel:
             self._flush_brpop_reauth()
         if self._pending in ("BLMOVE", "BLPOP"):  # rung, paused, or a poll interval: look
             self._claim_next, self._pause_next = True, False
+            if self._pending == "BLMOVE" and self.qos.can_consume():
+                # The claim goes out now, not on the event loop's next turn: a turn less
+                # for each lone request. Still sent by a worker that is running (it just
+                # read the ring), so it never claims what a frozen worker would hold.
+                self._brpop_start()
             raise Empty()
         # Claim again at once only while the queues hold more: else wait on the doorbell.
         self._claim_next = bool(reply and reply[0])
