@@ -71,6 +71,33 @@ def test_a_submitted_job_keeps_its_delivered_result_for_result(
     assert job.result(timeout=5) == expected("kept for later")
 
 
+def test_one_request_at_a_time_reads_no_more_of_the_reply_list(
+        remote: RemotePipeline, worker: InProcessWorker, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client.for_settings(settings)
+    conn = client.waiter._conn
+    lpops: list[object] = []
+    lpop = conn.lpop
+
+    def counted(*args: object, **kwargs: object) -> object:
+        lpops.append(args)
+        return lpop(*args, **kwargs)
+
+    monkeypatch.setattr(conn, "lpop", counted)
+    assert [remote(f"alone {i}", timeout=20) for i in range(5)] == [
+        expected(f"alone {i}") for i in range(5)]
+    assert lpops == []  # the caller was the only one waiting: no round trip for nothing
+    # A stale wake-up left on the list (a job nobody waits for any more) is skipped.
+    client.redis.rpush(client.waiter.reply_key, b"not-a-watched-job")
+    assert remote("after a stale wake-up", timeout=20) == expected("after a stale wake-up")
+    # Callers side by side: the rest of the list is read after each wake-up, as before.
+    texts = [f"together {i}" for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda t: remote(t, timeout=20), texts)) == [
+            expected(t) for t in texts]
+    assert lpops
+
+
 def test_map_answers_in_input_order_through_chunks(remote: RemotePipeline,
                                                    worker: InProcessWorker) -> None:
     texts = [f"item {i} " + "z" * (i % 11) for i in range(100)]
