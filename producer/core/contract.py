@@ -71,16 +71,10 @@ class Route(BaseModel):
         # worker started with --revision main serves pipeline(task, model=M) too.
         return None if value == DEFAULT_REVISION else value
 
-    @functools.cached_property
+    @property
     def id(self) -> str:
         """A stable id usable in queue, key and task names: readable slug plus a hash."""
-        # Cached (the model is frozen): every key and queue name of a job derives from it,
-        # 3-4 times a job on each side (the hash and slug: ~1.7 us each time).
-        identity = "\x1f".join([self.task, self.model, self.revision or "", self.tokenizer or ""])
-        digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
-        tail = self.model.rstrip("/").rsplit("/", 1)[-1]
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail)[:40] or "model"
-        return f"{self.task}.{slug}.{digest}"
+        return route_id(self.task, self.model, self.revision, self.tokenizer)
 
     def describe(self) -> str:
         """Human-readable form for messages: task, model and revision."""
@@ -96,6 +90,21 @@ class Route(BaseModel):
         if self.tokenizer:
             cmd += f" --tokenizer {self.tokenizer}"
         return cmd
+
+
+@functools.lru_cache(maxsize=1024)
+def route_id(task: str, model: str, revision: str | None, tokenizer: str | None) -> str:
+    """``Route.id`` of the route with these fields (see there).
+
+    Cached by the fields, not on the route: every key and queue name of a job derives from
+    it, 3-4 times a job on each side, and the hash and slug took ~1.7 us each time; a route
+    copied with other fields (``model_copy(update=...)``) still gets its own id.
+    """
+    identity = "\x1f".join([task, model, revision or "", tokenizer or ""])
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+    tail = model.rstrip("/").rsplit("/", 1)[-1]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail)[:40] or "model"
+    return f"{task}.{slug}.{digest}"
 
 
 class JobRequest(BaseModel):
