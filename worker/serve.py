@@ -102,7 +102,7 @@ def serve(spec: RouteSpec, settings: Settings, device: str, *, hostname: str | N
     if settings.faults:  # after warm-up: injected faults are for jobs only
         log.warning("FAULT INJECTION ACTIVE: %s", settings.faults)
         middleware.append(FaultInjector(settings.faults))
-    bridge = CeleryBridge(settings.keys.task_name(spec.route), hostname, spec.route.id)
+    bridge = CeleryBridge(settings.keys.task_name(spec.route), hostname)
     middleware.append(bridge)
     overhead = off_main_thread(lambda: measure_call_overhead(runner, skip=bool(settings.faults)))
     engine = off_main_thread(lambda: continuous_engine(spec, runner))

@@ -16,7 +16,7 @@ TASK = "pipeq.run[text-classification.m.0123456789]"
 
 
 def test_jobs_read_as_their_routes_tasks_from_reserved_to_settled() -> None:
-    bridge = CeleryBridge(TASK, "w1@host", ROUTE.id)
+    bridge = CeleryBridge(TASK, "w1@host")
     # The job's request carries its own Route (parsed from the message): equal, not the same.
     job = JobInFlight(JobRequest(job_id=new_job_id(), route=Route(task="text-classification",
                                                                    model="org/m"),

@@ -33,12 +33,12 @@ class JobView:
     __slots__ = ("__weakref__", "delivery_info", "eventer", "hostname", "id", "kwargs", "name",
                  "time_start")
 
-    def __init__(self, job: JobInFlight, name: str, hostname: str, routing_key: str):
+    def __init__(self, job: JobInFlight, name: str, hostname: str):
         self.id = job.job_id
         self.name = name
         self.hostname = hostname
         self.kwargs = job.delivery.summary if job.delivery is not None else ""
-        self.delivery_info = {"routing_key": routing_key, "priority": 0,
+        self.delivery_info = {"routing_key": job.request.route.id, "priority": 0,
                               "redelivered": None}
         self.time_start: float | None = None
         self.eventer: Any = None
@@ -54,12 +54,9 @@ class JobView:
 class CeleryBridge(Middleware):
     """Reports a route's jobs to Celery's worker state and as task events."""
 
-    def __init__(self, task_name: str, hostname: str, route_id: str):
+    def __init__(self, task_name: str, hostname: str):
         self.task_name = task_name
         self.hostname = hostname
-        #: The route's id, which ``celery inspect`` shows as each job's routing key (every
-        #: job a worker accepts is of its one route; computed once, not once a job).
-        self.route_id = route_id
         #: Celery's consumer (bound when it starts): its event dispatcher sends the events.
         self.consumer: Any = None
         self._views: dict[str, JobView] = {}
@@ -69,7 +66,7 @@ class CeleryBridge(Middleware):
         self.consumer = consumer
 
     def after_accept(self, job: JobInFlight) -> None:
-        view = self._views[job.job_id] = JobView(job, self.task_name, self.hostname, self.route_id)
+        view = self._views[job.job_id] = JobView(job, self.task_name, self.hostname)
         state.task_reserved(view)
 
     def after_jobs_started(self, jobs: list[JobInFlight]) -> None:
