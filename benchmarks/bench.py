@@ -33,7 +33,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.closed_loop import in_process_rows, naive_row, pipeq_rows  # noqa: E402
+from benchmarks.closed_loop import (  # noqa: E402
+    in_process_rows,
+    limit_rows,
+    naive_row,
+    pipeq_rows,
+)
 from benchmarks.common import Setup, pipeq_worker  # noqa: E402
 from benchmarks.drain import drain_rows  # noqa: E402
 from benchmarks.gateway_bench import gateway_rows  # noqa: E402
@@ -58,6 +63,10 @@ def workload_rows(suite: str, model: str, texts: list[str], setup: Setup,
         rows.append(naive_row(task, model, texts, setup, args.producers[0], label))
     rows += pipeq_rows(task, model, texts, setup, args.producers, args.list_size,
                        local, label)
+    # The limit and the ceiling again, right after pipeq's rows: how far the VM drifted.
+    limit_end, ceiling_end = limit_rows(local, texts, setup.batch, args.producers[0], label)
+    rows[1]["req_per_s_end"] = limit_end["req_per_s"]
+    rows[2]["req_per_s_end"] = ceiling_end["req_per_s"]
     limit = rows[1]["req_per_s"]
     if not args.skip_open_loop:
         with pipeq_worker(setup, task, model) as remote:
@@ -66,8 +75,11 @@ def workload_rows(suite: str, model: str, texts: list[str], setup: Setup,
     ceiling = rows[2]["req_per_s"]
     for r in rows:
         r["x_limit"] = r.get("x_limit", round(r["req_per_s"] / limit, 2))
-        if "producers" in r and r["producers"] == args.producers[0]:
-            r["x_ceiling"] = round(r["req_per_s"] / ceiling, 2)
+        if "producers" in r:
+            r["x_limit_end"] = round(r["req_per_s"] / limit_end["req_per_s"], 2)
+            if r["producers"] == args.producers[0]:
+                r["x_ceiling"] = round(r["req_per_s"] / ceiling, 2)
+                r["x_ceiling_end"] = round(r["req_per_s"] / ceiling_end["req_per_s"], 2)
     return rows
 
 
@@ -77,9 +89,9 @@ def print_rows(rows: list[dict[str, Any]], machine: str) -> None:
     print(f"{'row':78} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x limit':>7}")
     for r in rows:
         notes = "".join(f"  {key}={r[key]}" for key in (
-            "x_ceiling", "added_p50_ms", "added_over_idle_p50_ms", "cores_busy", "x_raw_celery",
-            "submit_ms_per_job", "queue_overhead_ms", "x_raw_celery_overhead",
-            "x_python_client") if key in r)
+            "req_per_s_end", "x_limit_end", "x_ceiling", "x_ceiling_end", "added_p50_ms",
+            "added_over_idle_p50_ms", "cores_busy", "x_raw_celery", "submit_ms_per_job",
+            "queue_overhead_ms", "x_raw_celery_overhead", "x_python_client") if key in r)
         print(f"{r['row']:78} {r.get('req_per_s', ''):>8} {r.get('p50_ms', ''):>8} "
               f"{r.get('p99_ms', ''):>8} {r.get('x_limit', ''):>7}{notes}")
 

@@ -45,3 +45,24 @@ def test_light_load_row_reports_both_local_references(monkeypatch: pytest.Monkey
     assert got["added_over_idle_p50_ms"] == pytest.approx(
         got["p50_ms"] - got["local_after_idle_p50_ms"], abs=0.02)
     assert got["added_over_idle_p50_ms"] < got["added_p50_ms"]
+
+
+def test_limit_rows_batch_sorted_texts_and_groups_of_the_producer_count() -> None:
+    """The limit: the texts sorted by length in calls of ``batch``. The ceiling: groups of
+    the producer count in arrival order, each sorted and called 8 at a time. The benchmark
+    takes both again after pipeq's rows, so they must be callable on their own."""
+    pytest.importorskip("torch")
+    calls: list[tuple[list[str], int]] = []
+
+    def pipe(texts: list[str], batch_size: int) -> None:
+        calls.append((list(texts), batch_size))
+
+    texts = ["a" * n for n in (5, 1, 4, 2, 9, 3, 8, 7, 6, 10)]
+    limit, ceiling = closed_loop.limit_rows(pipe, texts, 4, 5, "x")
+    by_length = sorted(texts, key=len)
+    assert calls[:3] == [(by_length[0:4], 4), (by_length[4:8], 4), (by_length[8:], 4)]
+    # Groups of 5 in arrival order (the first five texts, then the next five), each sorted.
+    assert calls[3:] == [(sorted(texts[:5], key=len), 8), (sorted(texts[5:], key=len), 8)]
+    assert limit["limit"] is True and limit["requests"] == 10
+    assert ceiling["ceiling"] == 5 and ceiling["requests"] == 10
+    assert "ceiling for 5 producers" in ceiling["row"]
