@@ -83,6 +83,18 @@ def workload_rows(suite: str, model: str, texts: list[str], setup: Setup,
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string: runs on
+    different VMs of one family differ more than code changes do."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def print_rows(rows: list[dict[str, Any]], machine: str) -> None:
     """The table on stdout."""
     print(f"\npipeq benchmark ({machine})")
@@ -146,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown suite {suite!r}")
     finally:
         redis_proc.terminate()
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python "
+    machine = (f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores, Python "
                f"{platform.python_version()}, device {args.device}")
     print_rows(rows, machine)
     if generation:  # its own columns: tokens/s and time to first token
