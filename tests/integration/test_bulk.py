@@ -8,6 +8,7 @@ subprocess (killed with SIGKILL where the test says so).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -299,7 +300,17 @@ def test_cancel_stops_the_job_and_resume_finishes_it(
               "--chunk-size", "8", "--id", "cancelme", "--json"]
     proc = _bulk(module_deployment, *common)
     _wait_for_lines(out, 100, proc)
-    cancel = module_deployment.cli("bulk", "cancel", "cancelme")
+    # Paused while the cancel goes in: on a fast machine the whole job could otherwise end
+    # before `pipeq bulk cancel` (a process of its own) is up, or before the command's next
+    # look at the flag (every second: ChunkScheduler's check_s). Paused past that second,
+    # its first step after it runs again reads the flag; its chunks in flight meanwhile
+    # finish on the worker.
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        cancel = module_deployment.cli("bulk", "cancel", "cancelme")
+        time.sleep(1.2)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     assert cancel.returncode == 0 and "cancel requested" in cancel.stdout, cancel.stderr
     code, _, stderr = _finish(proc, timeout=60)
     assert code == 1 and "cancelled" in stderr, stderr
