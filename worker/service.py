@@ -159,14 +159,20 @@ class RouteService:
 
     # --- accepting messages (the deliverer's thread) ----------------------------------------
 
-    def accept(self, body: Any, job_id: str, delivery: Delivery) -> None:
-        """Take one job message: check it, then batch it (or record why it cannot run)."""
+    def accept(self, body: Any, job_id: str, delivery: Delivery,
+               claim_start: tuple[JobState, int] | None = None) -> None:
+        """Take one job message: check it, then batch it (or record why it cannot run).
+
+        ``claim_start``: how the claim that took the message started the job (state before,
+        starts), when it did.
+        """
         try:
             request = self.parse(body, job_id)
         except ValidationError as exc:
             self.reject(job_id, str(exc), body, delivery)
             return
-        job = JobInFlight(request, delivery=delivery, reply_key=self.reply_key(request.reply_to))
+        job = JobInFlight(request, delivery=delivery, reply_key=self.reply_key(request.reply_to),
+                          claim_start=claim_start)
         with self._lock:
             self._in_flight[job.job_id] = job
         self.hooks.after_accept(job)
@@ -252,7 +258,8 @@ class RouteService:
     # --- the batcher's callbacks (batcher threads) ------------------------------------------
 
     def start_jobs(self, jobs: list[JobInFlight]) -> None:
-        """Mark a batch's new jobs STARTED; end those cancelled, expired or poisonous."""
+        """Mark a batch's new jobs STARTED (unless their claim did); end those cancelled,
+        expired or poisonous."""
         now = time.time()
         runnable = []
         for job in jobs:
@@ -263,9 +270,11 @@ class RouteService:
                          "could run it")
             else:
                 runnable.append(job)
-        before = self.guard.call(
-            lambda: self.store.start([j.job_id for j in runnable], self.hostname),
-            "mark jobs started")
+        before = {j.job_id: j.claim_start for j in runnable if j.claim_start is not None}
+        unstarted = [j.job_id for j in runnable if j.claim_start is None]
+        if unstarted:
+            before.update(self.guard.call(lambda: self.store.start(unstarted, self.hostname),
+                                          "mark jobs started"))
         for job in runnable:
             state, starts = before.get(job.job_id, (JobState.PENDING, 1))
             if state.is_final:  # cancelled while queued, or a re-delivered finished job
@@ -305,10 +314,16 @@ class RouteService:
         self._settle([j.ended() for j in jobs])
 
     def return_jobs(self, jobs: list[JobInFlight]) -> None:
-        """Hand the messages of jobs that were not started back to the queue."""
+        """Hand the messages of jobs that were not started back to the queue (undoing the
+        starts their claims recorded: they did not run here)."""
         for job in jobs:
             log.info("job %s handed back to the queue: the worker stops before it started",
                      job.job_id)
+        claimed = {j.job_id: j.claim_start[0] for j in jobs
+                   if j.claim_start is not None and not j.claim_start[0].is_final}
+        if claimed:
+            self.guard.call(lambda: self.store.unstart(claimed, self.hostname),
+                            "undo the starts of jobs handed back")
         self._settle([j.ended() for j in jobs])
 
     def _settle(self, ended: list[Ended]) -> None:

@@ -30,8 +30,9 @@ from typing import Any
 from pipeq.core.config import RouteSpec, Settings
 from pipeq.core.keys import LANES
 from pipeq.core.redis_io import as_text, connect
+from pipeq.core.store import start_row
 from pipeq.worker.batching.jobs import JobInFlight
-from pipeq.worker.broker.claiming import CLAIM_SCRIPT
+from pipeq.worker.broker.claiming import CLAIM_SCRIPT, ClaimStart
 from pipeq.worker.broker.strategy import job_body
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.runner import PipelineRunner
@@ -155,15 +156,23 @@ class InProcessWorker:
         self.service.stop()
 
     def claim(self, count: int = 64) -> int:
-        """Take up to ``count`` queued messages and hand them to the service; how many."""
+        """Take up to ``count`` queued messages and hand them to the service; how many.
+
+        As a worker's claim does, one that takes a single job while none is in flight also
+        starts it (``claiming.ClaimStart``).
+        """
         keys, route = self.settings.keys, self.spec.route
         queues = [keys.lane_queue_key(route, lane) for lane in LANES]
+        start = ClaimStart(keys.result(""), keys.task_name(route), self.settings.result_ttl_s,
+                           self.service.hostname)
+        idle = self.service.in_flight() == 0
         reply = self.client.eval(CLAIM_SCRIPT, 5 + len(queues), keys.unacked(),
                                  keys.unacked_index(), keys.bell(route), keys.owners(),
-                                 keys.held(""), *queues, repr(time.time()), count)
-        claimed = [reply[i:i + 3] for i in range(1, len(reply), 3)]
-        for key, item, _recorded in claimed:
-            self._hand_over(as_text(key), item)
+                                 keys.held(""), *queues, repr(time.time()), count, "", 0,
+                                 *(start.args() if idle else []))
+        claimed = [reply[i:i + 4] for i in range(1, len(reply), 4)]
+        for key, item, _recorded, started in claimed:
+            self._hand_over(as_text(key), item, as_text(started))
         self.taken += len(claimed)
         return len(claimed)
 
@@ -207,7 +216,7 @@ class InProcessWorker:
             if not self.claim():
                 self._stop.wait(poll_s)
 
-    def _hand_over(self, queue_key: str, raw: bytes) -> None:
+    def _hand_over(self, queue_key: str, raw: bytes, started: str = "") -> None:
         payload = json.loads(raw)
         headers = payload.get("headers") or {}
         job_id = str(headers.get("id") or "")
@@ -220,4 +229,4 @@ class InProcessWorker:
         except ValueError as exc:
             self.service.reject(job_id, str(exc), None, delivery)
             return
-        self.service.accept(body, job_id, delivery)
+        self.service.accept(body, job_id, delivery, start_row(started) if started else None)

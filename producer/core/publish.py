@@ -57,6 +57,9 @@ def task_message(request: JobRequest, task_name: str, queue: str, summary: str) 
         "timelimit": [None, None], "root_id": job_id, "parent_id": None, "argsrepr": "()",
         "kwargsrepr": summary, "origin": _ORIGIN, "ignore_result": True,
         "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        # The job's deadline where the worker's claim script can read it: an idle worker
+        # starts a lone job in the claim itself, and never one whose deadline has passed.
+        "pipeq_deadline": request.deadline,
     }
     properties = {
         "correlation_id": job_id, "reply_to": None, "delivery_mode": 2,

@@ -24,6 +24,7 @@ from pipeq.core.redis_io import as_text, load_lua
 START_SCRIPT = load_lua("job_start.lua")
 FINISH_SCRIPT = load_lua("job_finish.lua")
 DROP_SCRIPT = load_lua("job_drop.lua")
+UNSTART_SCRIPT = load_lua("job_unstart.lua")
 #: The record data of a job whose result was dropped once read (JobStore.drop).
 DROPPED = {"dropped": True}
 
@@ -72,6 +73,7 @@ class JobStore:
         self._start = client.register_script(START_SCRIPT)
         self._finish = client.register_script(FINISH_SCRIPT)
         self._drop = client.register_script(DROP_SCRIPT)
+        self._unstart = client.register_script(UNSTART_SCRIPT)
 
     def start(self, job_ids: list[str], worker: str) -> dict[str, tuple[JobState, int]]:
         """Mark jobs STARTED unless already final; each job's state before and how many times it
@@ -84,11 +86,17 @@ class JobStore:
             return {}
         keys = [self.keys.result(j) for j in job_ids]
         rows = self._start(keys=keys, args=[self.ttl_s, worker, f"{time.time():.6f}"])
-        out = {}
-        for job_id, row in zip(job_ids, rows, strict=True):
-            state, _, starts = as_text(row).rpartition(":")
-            out[job_id] = (JobState(state), int(starts))
-        return out
+        return {job_id: start_row(row) for job_id, row in zip(job_ids, rows, strict=True)}
+
+    def unstart(self, before: dict[str, JobState], worker: str) -> None:
+        """Undo the starts ``worker`` recorded for jobs it hands back unrun (by job id: each
+        one's state before its start): the start count goes down by one and a job that was
+        PENDING is PENDING again. A record that moved on since (final, or started by
+        another worker) is left as it is."""
+        if not before:
+            return
+        keys = [self.keys.result(j) for j in before]
+        self._unstart(keys=keys, args=[worker, *(s.value for s in before.values())])
 
     def finish(self, outcomes: list[Outcome], stats_key: str | None = None) -> list[bool]:
         """Store final records (skipping jobs already final); True where one was stored.
@@ -166,6 +174,12 @@ class JobStore:
                     return state
                 except redis.WatchError:
                     continue
+
+
+def start_row(row: Any) -> tuple[JobState, int]:
+    """A start script's answer for one job, '<state before>:<starts>', as (state, starts)."""
+    state, _, starts = as_text(row).rpartition(":")
+    return JobState(state), int(starts)
 
 
 def reply_item(item: bytes) -> tuple[str, JobRecord | None]:

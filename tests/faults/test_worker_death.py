@@ -316,14 +316,17 @@ def test_worker_killed_the_instant_it_takes_a_message_loses_nothing(
         dep: Deployment, model: str, remote: RemotePipeline, local: Any) -> None:
     """The worker dies (SIGKILL, by fault injection) right after it took the message off
     the queue, before Celery saw it: the one atomic claim already recorded it as
-    unacknowledged, so the visibility timeout gives it to the next worker, which runs it once."""
+    unacknowledged, so the visibility timeout gives it to the next worker, which runs it once.
+
+    The idle worker's claim also started the job (claiming.ClaimStart): its death counts as
+    one start, towards the poison limit, as a death inside the model call would."""
     victim = only_worker(dep, model, PIPEQ_FAULTS="claim_crash_marker=CLAIMED")
     text = "CLAIMED, then the worker died"
     job = remote.submit(text, timeout=600)
     victim.wait_exit(30)
     assert victim.proc.returncode == -signal.SIGKILL
     place = whereabouts(dep, remote.route, [job.id])[job.id]
-    assert place == "PENDING, started 0x, message held (unacked)", place
+    assert place == "STARTED, started 1x, message held (unacked)", place
     serving(dep, model)
     assert_same(job.result(timeout=60), local(text))
-    assert starts(dep, [job.id]) == [1]
+    assert starts(dep, [job.id]) == [2]

@@ -127,6 +127,25 @@ def test_a_stopping_worker_hands_unstarted_jobs_back(settings: Settings,
     assert all(job.result(timeout=5) for job in jobs)
 
 
+def test_a_job_its_claim_started_goes_back_unstarted_when_the_worker_stops(
+        settings: Settings, remote: RemotePipeline) -> None:
+    worker = harness(settings, EchoRunner(TASK))
+    worker.service.start()
+    worker.service.begin_shutdown()
+    job = remote.submit("alone")
+    record = settings.keys.result(job.id)
+    assert worker.claim() == 1  # an idle worker's claim of one job starts it ...
+    assert worker.service.drain(5)
+    worker.service.stop()
+    assert len(worker.requeued) == 1
+    # ... and handing it back undoes that start: it never ran here.
+    assert worker.client.hgetall(record) == {b"state": b"PENDING"}
+    with harness(settings, EchoRunner(TASK)) as again:
+        again.drain()
+    assert job.result(timeout=5) == [{"label": "LEN", "score": 5}]
+    assert worker.client.hmget(record, "starts", "worker") == [b"1", b"pipeq.harness@localhost"]
+
+
 def test_one_failing_input_fails_only_its_job(settings: Settings,
                                               remote: RemotePipeline) -> None:
     with harness(settings, EchoRunner(TASK, fail_on="poison")) as worker:

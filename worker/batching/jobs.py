@@ -52,6 +52,9 @@ class JobInFlight:
     started_at: float = 0.0
     #: Handed back unstarted at shutdown: its message is re-queued for another worker.
     returned: bool = False
+    #: How the claim that took its message started it (state before, starts), when it did
+    #: (``pipeq.worker.broker.claiming.ClaimStart``): its first batch then needs no start.
+    claim_start: tuple[JobState, int] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     #: The inputs as the pipeline takes them: media envelopes decoded (pipeq.worker.model.media);
     #: by default the request's own inputs.

@@ -13,6 +13,7 @@ from pipeq.core.sentinel import is_sentinel_url
 from pipeq.worker.broker.events import CeleryBridge
 from pipeq.worker.broker.strategy import LoopSettler, job_strategy
 from pipeq.worker.broker.transport import (
+    CLAIM_START_OPTION,
     FAULTS_OPTION,
     HOLDER_OPTION,
     PREFIX_OPTION,
@@ -35,7 +36,9 @@ def build_app(settings: Settings, redis_url: str, service: RouteService, settler
         app.conf.broker_url = app.conf.broker_url.split(";")[0]
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options, PREFIX_OPTION: settings.queue_prefix,
-        FAULTS_OPTION: settings.faults or "", HOLDER_OPTION: service.hostname}
+        FAULTS_OPTION: settings.faults or "", HOLDER_OPTION: service.hostname,
+        CLAIM_START_OPTION: {"task": settings.keys.task_name(service.route),
+                             "ttl_s": settings.result_ttl_s}}
 
     def never_runs(**_: Any) -> None:
         """Jobs run in pipeq's batcher, never as a Celery task body (see broker.strategy)."""

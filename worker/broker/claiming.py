@@ -14,6 +14,8 @@ the queues hold more (claim again at once) or not (wait on the doorbell). From t
 a dead worker's message is restored after the visibility timeout like any other
 unacknowledged message; the same step records which worker holds it, so that live workers
 hand it over as soon as that worker's lease lapses (``pipeq.worker.broker.handover``).
+A worker that holds no message also marks the one job it claims STARTED in that step (see
+:class:`ClaimStart`): under light load each job's start then costs no round trip of its own.
 Requires Redis >= 6.2 (BLMOVE).
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,35 @@ CLAIM_SCRIPT = load_lua("claim.lua", "pipeq.worker.broker")
 MAX_CLAIM = 64
 #: The oldest Redis with BLMOVE.
 MIN_REDIS = (6, 2)
+#: The message property that tells the route's strategy how the claim started the job
+#: ('<state before>:<starts>'; absent when it did not). The channel sets or removes it on
+#: every message it delivers, so that a message cannot bring its own.
+CLAIM_START_PROPERTY = "pipeq_claim_start"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimStart:
+    """What an idle worker's claim needs to mark the one job it takes STARTED (claim.lua).
+
+    A worker holding no message runs the job it claims at once, so the claim records the
+    start (as ``JobStore.start`` would, atomically with taking the message), and the batcher
+    skips its own round trip for it. A busy worker leaves the start to the batcher, which
+    marks jobs as their batch begins: a job counted as begun while it waits in a worker that
+    then dies would count towards the poison limit without ever having run.
+    """
+
+    #: The job records' key prefix (``Keys.result("")``).
+    record_prefix: str
+    #: The route's Celery task name: only its messages are started.
+    task_name: str
+    #: The records' TTL (s), as JobStore's.
+    ttl_s: int
+    #: The worker the start is recorded for (its hostname).
+    worker: str
+
+    def args(self) -> list[Any]:
+        """The claim script's arguments ARGV[5..8]."""
+        return [self.record_prefix, self.task_name, self.ttl_s, self.worker]
 
 
 def unsupported_redis(client: Any) -> str | None:
@@ -194,6 +226,8 @@ class ClaimingChannel:
     holder: str = ""
     #: The delivery tag being delivered, when the claim wrote its unacked record (ClaimedQoS).
     recorded_claim: str | None = None
+    #: Lets an idle worker's claim start the job it takes (None: the batcher starts jobs).
+    claim_start: ClaimStart | None = None
     #: Removes the unacked records of acknowledged messages in batches.
     acks: AckFlusher
     #: The next command: claim (True) or wait (False).
@@ -229,14 +263,23 @@ class ClaimingChannel:
         return [self.global_keyprefix + self._q_for_pri(queue, pri)
                 for pri in self.priority_steps for queue in queues]
 
-    def _claim_args(self, queues: list[str], count: int = 1) -> list[Any]:
+    def _claim_args(self, queues: list[str], count: int = 1, start: bool = False
+                    ) -> list[Any]:
         prefix = self.global_keyprefix
         keys = self._serving_keys(queues)
+        starting = self.claim_start.args() if start and self.claim_start else []
         return ["EVAL", CLAIM_SCRIPT, 5 + len(keys), prefix + self.unacked_key,
                 prefix + self.unacked_index_key, prefix + bell_of(queues[0]),
                 self.keys.owners(), self.keys.held(self.holder), *keys,
                 repr(time.time()), count, self.holder,
-                int(max(float(getattr(self, "visibility_timeout", 3600)), 1.0) * 1000)]
+                int(max(float(getattr(self, "visibility_timeout", 3600)), 1.0) * 1000),
+                *starting]
+
+    def holds_nothing(self) -> bool:
+        """True while no message delivered on this channel waits for its acknowledgement:
+        a job this worker claims now runs at once (ClaimStart)."""
+        qos = self.qos
+        return len(qos._delivered) == len(qos._dirty)
 
     def _redis_full(self, exc: Exception) -> None:
         """A claim refused by a full Redis took nothing (the script records before it pops):
@@ -262,7 +305,7 @@ class ClaimingChannel:
             # event loop (BLMOVE, a write, would be refused by a full Redis too).
             command: list[Any] = ["BLPOP", self.global_keyprefix + "pipeq.pause", 1]
         elif self._claim_next:
-            command = self._claim_args(queues, self._claim_count())
+            command = self._claim_args(queues, self._claim_count(), self.holds_nothing())
         else:
             # Until the doorbell rings, or one poll interval: a message queued without
             # ringing it (by a plain Celery client) is still served. The claim is not sent
@@ -305,21 +348,22 @@ class ClaimingChannel:
             raise Empty()
         # Claim again at once only while the queues hold more: else wait on the doorbell.
         self._claim_next = bool(reply and reply[0])
-        claimed = [reply[i:i + 3] for i in range(1, len(reply or []), 3)]
+        claimed = [reply[i:i + 4] for i in range(1, len(reply or []), 4)]
         if not claimed:
             raise Empty()
-        for key, item, recorded in claimed:
-            self._deliver_claimed(key, item, bool(recorded))
+        for key, item, recorded, started in claimed:
+            self._deliver_claimed(key, item, bool(recorded), bytes_to_str(started))
         return True
 
-    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool) -> None:
+    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool, started: str = ""
+                         ) -> None:
         """Hand one claimed item to kombu (and Celery); a bad item is the transport's to
         dead-letter (``deliver_failed``), and never stops the others of the claim."""
         queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         self.on_claimed(item)
         try:
-            payload = loads(bytes_to_str(item))
+            payload = _with_claim_start(loads(bytes_to_str(item)), started)
             if recorded:  # QoS.append need not write the unacked record again
                 self.recorded_claim = payload["properties"]["delivery_tag"]
             self.connection._deliver(payload, queue)
@@ -338,4 +382,16 @@ class ClaimingChannel:
         reply = client.execute_command(*self._claim_args([queue]))
         if not reply or len(reply) < 4:
             raise Empty()
-        return loads(bytes_to_str(reply[2]))
+        return _with_claim_start(loads(bytes_to_str(reply[2])), "")
+
+
+def _with_claim_start(payload: Any, started: str) -> Any:
+    """``payload`` with its claim start property ``started`` ('' : none), whatever the
+    message brought along."""
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    if isinstance(properties, dict):
+        if started:
+            properties[CLAIM_START_PROPERTY] = started
+        else:
+            properties.pop(CLAIM_START_PROPERTY, None)
+    return payload

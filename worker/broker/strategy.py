@@ -23,6 +23,9 @@ from typing import Any
 from celery.exceptions import InvalidTaskError
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from pipeq.core.contract import JobState
+from pipeq.core.store import start_row
+from pipeq.worker.broker.claiming import CLAIM_START_PROPERTY
 from pipeq.worker.broker.events import CeleryBridge
 from pipeq.worker.service import RouteService
 
@@ -130,11 +133,19 @@ def job_strategy(service: RouteService, settler: LoopSettler,
                     f"the worker could not read the message: {type(exc).__name__}: {exc}")
                 service.reject(job_id, reason, None, None)
                 raise InvalidTaskError(reason) from None
-            service.accept(request, job_id, CeleryDelivery(message))
+            service.accept(request, job_id, CeleryDelivery(message), claim_start(message))
 
         return on_message
 
     return start_strategy
+
+
+def claim_start(message: Any) -> tuple[JobState, int] | None:
+    """How the claim that took ``message`` started its job (state before, starts), or None
+    when it left the start to the batcher (``claiming.ClaimStart``)."""
+    properties = getattr(message, "properties", None)
+    row = properties.get(CLAIM_START_PROPERTY) if isinstance(properties, dict) else None
+    return start_row(row) if row else None
 
 
 def job_body(message: Any, headers: dict[str, Any]) -> Any:

@@ -36,7 +36,7 @@ from pipeq.core.celery_config import SENTINELS_OPTION
 from pipeq.core.deadletters import DeadLetters
 from pipeq.core.keys import Keys, bell_of
 from pipeq.core.publish import RING_SCRIPT
-from pipeq.worker.broker.claiming import ClaimingChannel
+from pipeq.worker.broker.claiming import ClaimingChannel, ClaimStart
 from pipeq.worker.ops.faults import FaultInjector
 
 log = logging.getLogger("pipeq.consumer")
@@ -49,6 +49,9 @@ SENTINEL_TRANSPORT_NAME = "pipeq-sentinel"
 PREFIX_OPTION = "pipeq_prefix"
 FAULTS_OPTION = "pipeq_faults"
 HOLDER_OPTION = "pipeq_holder"
+#: {"task": the route's task name, "ttl_s": the records' TTL}: an idle worker's claim starts
+#: the job it takes (``claiming.ClaimStart``); absent: the batcher starts every job.
+CLAIM_START_OPTION = "pipeq_claim_start"
 #: How a control reply queue's name ends (kombu's pidbox: ``<client oid>.reply.celery.pidbox``).
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 #: How long an unread control reply stays in Redis: clients wait seconds for replies (Flower
@@ -90,6 +93,10 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         options = self.connection.client.transport_options
         self.keys = Keys(options.get(PREFIX_OPTION, "pipeq"))
         self.holder = str(options.get(HOLDER_OPTION) or "")
+        start = options.get(CLAIM_START_OPTION)
+        if start and self.holder:
+            self.claim_start = ClaimStart(self.keys.result(""), str(start["task"]),
+                                          int(start["ttl_s"]), self.holder)
         # An unprefixed client on the channel's pool: pipeq's own keys carry no broker prefix.
         self.plain_client = redis.Redis(connection_pool=self.pool)
         self.dead_letters = DeadLetters(self.plain_client, self.keys)

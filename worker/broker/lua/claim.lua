@@ -6,8 +6,10 @@
 -- ARGV[1] the claim time (the client's clock, as kombu's restore compares with it),
 -- ARGV[2] the most messages to take, ARGV[3] the holder ('' : no hand-over records),
 -- ARGV[4] how long the hand-over records outlive the claim (ms; renewals extend it).
--- Returns {more, key, item, recorded, key, item, recorded, ...}: more is 1 while a queue
--- still holds a message. Leaving every queue empty, the claim silences the doorbell: waiting
+-- ARGV[5] the job records' key prefix ('' : start nothing), ARGV[6] the route's task name,
+-- ARGV[7] the records' ttl (s), ARGV[8] the worker the start is recorded for.
+-- Returns {more, key, item, recorded, started, key, item, recorded, started, ...}: more is 1
+-- while a queue still holds a message. Leaving every queue empty, the claim silences the doorbell: waiting
 -- workers then block. Each unacked entry is built from the item's own bytes
 -- ('[' item ',' EX ',' RK ']'), so it is byte-for-byte the message kombu would restore. An
 -- item that is not a kombu message is returned unrecorded: the transport dead-letters it and
@@ -16,7 +18,35 @@
 -- length inside the unacked entry, its queue and its doorbell, one per line: keys hold no
 -- newline), so that live workers can put it back, byte for byte, once the holder's lease
 -- expires (lua/lease.lua).
+-- With a record prefix (an idle worker's claim), a claim that takes exactly one of the route's
+-- job messages also marks that job STARTED, as pipeq.core.store's job_start.lua does, and
+-- says how in its started field ('<state before>:<starts>'; '' when it did not): the worker
+-- runs such a job at once, and its start then costs no round trip of its own. A message
+-- without the pipeq_deadline header (not written by pipeq's publisher), or whose deadline
+-- has passed, is left to the worker's own start: an expired job's record is never touched.
+local final = {SUCCESS = true, FAILURE = true, CANCELLED = true, EXPIRED = true}
+
+local function start_lone(msg)
+  local headers = msg.headers
+  if type(headers) ~= 'table' or headers.task ~= ARGV[6] then return '' end
+  local id = headers.id
+  if type(id) ~= 'string' or #id == 0 or #id > 128 then return '' end
+  local deadline = headers.pipeq_deadline
+  if deadline ~= cjson.null
+      and (type(deadline) ~= 'number' or deadline < tonumber(ARGV[1])) then
+    return ''
+  end
+  local key = ARGV[5] .. id
+  local state = redis.call('HGET', key, 'state')
+  if state and final[state] then return state .. ':0' end
+  redis.call('HSET', key, 'state', 'STARTED', 'worker', ARGV[8], 'started_at', ARGV[1])
+  local starts = redis.call('HINCRBY', key, 'starts', 1)
+  redis.call('EXPIRE', key, ARGV[7])
+  return (state or 'PENDING') .. ':' .. starts
+end
+
 local out = {0}
+local lone = nil
 local wanted = tonumber(ARGV[2]) or 1
 local holder = ARGV[3] or ''
 local taken = 0
@@ -27,6 +57,7 @@ for i = 6, #KEYS do
     local item = redis.call('LINDEX', KEYS[i], -1)
     if not item then break end
     local recorded = 0
+    lone = nil
     local ok, msg = pcall(cjson.decode, item)
     if ok and type(msg) == 'table' and type(msg.properties) == 'table' then
       local tag = msg.properties.delivery_tag
@@ -42,14 +73,19 @@ for i = 6, #KEYS do
           redis.call('HSET', KEYS[5], tag, #item .. '\n' .. KEYS[i] .. '\n' .. KEYS[3])
         end
         recorded = 1
+        lone = msg
       end
     end
     redis.call('RPOP', KEYS[i])
     out[#out + 1] = KEYS[i]
     out[#out + 1] = item
     out[#out + 1] = recorded
+    out[#out + 1] = ''
     taken = taken + 1
   end
+end
+if taken == 1 and lone and (ARGV[5] or '') ~= '' then
+  out[5] = start_lone(lone)
 end
 if holder ~= '' and taken > 0 then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
