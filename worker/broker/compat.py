@@ -22,7 +22,7 @@ REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("kombu.transport.redis", "QoS", (
         "append", "ack", "unacked_key", "unacked_index_key", "_remove_from_indices",
         "restore_visible")),
-    ("kombu.transport.virtual", "QoS", ("append", "ack")),
+    ("kombu.transport.virtual", "QoS", ("append", "ack", "_delivered", "_dirty")),
     ("kombu.transport.redis", "Transport", ("Channel",)),
     ("kombu.transport.redis", "SentinelChannel", ("_sentinel_managed_pool",)),
     ("kombu.transport.redis", "SentinelTransport", ("Channel",)),
