@@ -274,6 +274,9 @@ def test_job_longer_than_the_visibility_timeout_runs_once(
     started = time.monotonic()
     first = remote.submit("a long job", timeout=120)
     wait_until(lambda: first.status() == "STARTED", 30, "the first job to start")
+    # The idle worker's claim marked it STARTED a moment (its gather) before its call began:
+    # sent within that moment, the second job would share the call.
+    time.sleep(1.0)
     second = remote.submit("a long wait, then a long job", timeout=120)
     assert_same(first.result(timeout=60), local("a long job"))
     assert_same(second.result(timeout=60), local("a long wait, then a long job"))

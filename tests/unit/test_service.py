@@ -13,7 +13,9 @@ import redis
 
 from pipeq import RemotePipeline, Settings, pipeline
 from pipeq.core.config import RouteSpec
+from pipeq.core.contract import JobState
 from pipeq.errors import JobCancelled, JobExpired, JobFailed, ValidationError
+from pipeq.worker.batching.jobs import JobInFlight
 from pipeq.worker.testing import EchoRunner, InProcessWorker
 
 TASK = "text-classification"
@@ -127,23 +129,41 @@ def test_a_stopping_worker_hands_unstarted_jobs_back(settings: Settings,
     assert all(job.result(timeout=5) for job in jobs)
 
 
-def test_a_job_its_claim_started_goes_back_unstarted_when_the_worker_stops(
+def test_a_job_its_claim_started_runs_even_when_the_worker_stops(
         settings: Settings, remote: RemotePipeline) -> None:
-    worker = harness(settings, EchoRunner(TASK))
+    runner = EchoRunner(TASK)
+    worker = harness(settings, runner)
     worker.service.start()
     worker.service.begin_shutdown()
     job = remote.submit("alone")
-    record = settings.keys.result(job.id)
-    assert worker.claim() == 1  # an idle worker's claim of one job starts it ...
+    assert worker.claim() == 1  # an idle worker's claim of one job starts it: it reads
+    assert job.status() == "STARTED"  # STARTED, so the stopping worker runs it
     assert worker.service.drain(5)
     worker.service.stop()
-    assert len(worker.requeued) == 1
-    # ... and handing it back undoes that start: it never ran here.
-    assert worker.client.hgetall(record) == {b"state": b"PENDING"}
-    with harness(settings, EchoRunner(TASK)) as again:
-        again.drain()
     assert job.result(timeout=5) == [{"label": "LEN", "score": 5}]
-    assert worker.client.hmget(record, "starts", "worker") == [b"1", b"pipeq.harness@localhost"]
+    assert runner.calls == [["alone"]] and worker.requeued == []
+    assert worker.client.hmget(settings.keys.result(job.id), "starts", "worker") == [
+        b"1", b"pipeq.harness@localhost"]
+
+
+def test_handing_back_a_job_its_claim_started_undoes_the_start(
+        settings: Settings, remote: RemotePipeline) -> None:
+    """(An image or audio job whose media a stopping worker had not decoded yet.)"""
+    worker = harness(settings, EchoRunner(TASK))
+    jobs = [remote.submit(text) for text in ("mine", "moved on", "final")]
+    records = [settings.keys.result(job.id) for job in jobs]
+    for record in records:  # each started by this worker's claim, as claim.lua writes it
+        worker.client.hset(record, mapping={"state": "STARTED", "starts": 1,
+                                            "worker": worker.service.hostname})
+    worker.client.hset(records[1], "worker", "another-worker")  # handed over since
+    worker.client.hset(records[2], "state", "SUCCESS")
+    in_flight = [JobInFlight(remote.build_request(text, {}, None).model_copy(
+        update={"job_id": job.id}), claim_start=(JobState.PENDING, 1))
+        for text, job in zip(("mine", "moved on", "final"), jobs, strict=True)]
+    worker.service.return_jobs(in_flight)
+    assert worker.client.hgetall(records[0]) == {b"state": b"PENDING"}
+    assert worker.client.hmget(records[1], "state", "starts") == [b"STARTED", b"1"]
+    assert worker.client.hmget(records[2], "state", "starts") == [b"SUCCESS", b"1"]
 
 
 def test_one_failing_input_fails_only_its_job(settings: Settings,

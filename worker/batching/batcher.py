@@ -239,11 +239,15 @@ class MicroBatcher:
         """Start the gather's new jobs; its live inputs as calls (grouped, sorted, split)."""
         fresh = _unique(s.job for s in slots if not s.job.started and s.job.outcome is None)
         if fresh and self._returning.is_set():
-            for job in fresh:  # shutting down: hand the message back rather than start it
+            # Shutting down: hand the messages back rather than start the jobs; a job its
+            # claim started already runs (it reads STARTED; see JobInFlight.claim_start).
+            back = [job for job in fresh if job.claim_start is None]
+            for job in back:
                 job.returned = True
-            self.sink.return_jobs(fresh)
+            if back:
+                self.sink.return_jobs(back)
             slots = [s for s in slots if not s.job.returned]
-            fresh = []
+            fresh = [job for job in fresh if not job.returned]
         if fresh:
             self.sink.start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
             for job in fresh:

@@ -199,12 +199,18 @@ class ContinuousBatcher:
         entries = [(job, plan) for job, plan in entries if job.outcome is None]  # not ended early
         if not entries:
             return
-        jobs = [job for job, _ in entries]
-        if self._returning.is_set():  # shutting down: hand the messages back unstarted
-            for job in jobs:
+        if self._returning.is_set():
+            # Shutting down: hand the messages back unstarted; a job its claim started
+            # already runs (it reads STARTED; see JobInFlight.claim_start).
+            back = [job for job, _ in entries if job.claim_start is None]
+            for job in back:
                 job.returned = True
-            self.sink.return_jobs(jobs)
-            return
+            if back:
+                self.sink.return_jobs(back)
+            entries = [(job, plan) for job, plan in entries if not job.returned]
+            if not entries:
+                return
+        jobs = [job for job, _ in entries]
         self.sink.start_jobs(jobs)  # marks STARTED; fails cancelled/expired/poison jobs
         ended = []
         for job, plan in entries:

@@ -53,7 +53,8 @@ class JobInFlight:
     #: Handed back unstarted at shutdown: its message is re-queued for another worker.
     returned: bool = False
     #: How the claim that took its message started it (state before, starts), when it did
-    #: (``pipeq.worker.broker.claiming.ClaimStart``): its first batch then needs no start.
+    #: (``pipeq.worker.broker.claiming.ClaimStart``): its first batch then needs no start,
+    #: and a stopping worker still runs it rather than hand it back (it reads STARTED).
     claim_start: tuple[JobState, int] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     #: The inputs as the pipeline takes them: media envelopes decoded (pipeq.worker.model.media);

@@ -18,7 +18,7 @@ REQUIRED: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("kombu.transport.redis", "Channel", (
         "_create_client", "_do_restore_message", "_lookup", "_brpop_start", "_brpop_read",
         "_get", "_put", "_q_for_pri", "_flush_brpop_reauth", "QoS", "Message", "conn_or_acquire",
-        "pool")),
+        "pool", "_get_message_priority")),
     ("kombu.transport.redis", "QoS", (
         "append", "ack", "unacked_key", "unacked_index_key", "_remove_from_indices",
         "restore_visible")),

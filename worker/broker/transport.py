@@ -31,6 +31,7 @@ import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message
+from kombu.utils.json import dumps
 
 from pipeq.core.celery_config import SENTINELS_OPTION
 from pipeq.core.deadletters import DeadLetters
@@ -118,12 +119,23 @@ class PipeqChannel(ClaimingChannel, kombu_redis.Channel):
         return client
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        super()._put(queue, message, **kwargs)
+        if not queue.endswith(REPLY_QUEUE_SUFFIX) or queue in (getattr(self, "_expires", None)
+                                                               or {}):
+            super()._put(queue, message, **kwargs)
+            return
         # The client declared the reply queue with an expiry kombu only applies on its own
-        # side; a worker replying here must not leave a key without one.
-        if queue.endswith(REPLY_QUEUE_SUFFIX) and queue not in getattr(self, "_expires", {}):
-            with self.conn_or_acquire() as client:
-                client.pexpire(self._q_for_pri(queue, 0), REPLY_TTL_MS)
+        # side; a worker replying here must not leave a key without one, not even for a
+        # moment (a worker killed between two commands would): one MULTI writes both.
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:
+            batch.add("lpush", key, dumps(message))
+            batch.add("pexpire", key, REPLY_TTL_MS)
+            return
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.lpush(key, dumps(message))
+            pipe.pexpire(key, REPLY_TTL_MS)
+            pipe.execute()
 
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
