@@ -31,7 +31,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pipeq.core.contract import JobState
-from pipeq.worker.batching.jobs import Failure, JobInFlight, JobSink, Slot, input_length
+from pipeq.worker.batching.jobs import (
+    Failure,
+    JobInFlight,
+    JobSink,
+    Slot,
+    hand_back_unstarted,
+    input_length,
+)
 from pipeq.worker.batching.lanes import LaneQueue
 from pipeq.worker.batching.planning import plan_calls
 from pipeq.worker.hooks import Middleware
@@ -238,16 +245,9 @@ class MicroBatcher:
     def _plan(self, slots: list[Slot]) -> list[list[Slot]]:
         """Start the gather's new jobs; its live inputs as calls (grouped, sorted, split)."""
         fresh = _unique(s.job for s in slots if not s.job.started and s.job.outcome is None)
-        if fresh and self._returning.is_set():
-            # Shutting down: hand the messages back rather than start the jobs; a job its
-            # claim started already runs (it reads STARTED; see JobInFlight.claim_start).
-            back = [job for job in fresh if job.claim_start is None]
-            for job in back:
-                job.returned = True
-            if back:
-                self.sink.return_jobs(back)
+        if fresh and self._returning.is_set():  # shutting down
+            fresh = hand_back_unstarted(fresh, self.sink)
             slots = [s for s in slots if not s.job.returned]
-            fresh = [job for job in fresh if not job.returned]
         if fresh:
             self.sink.start_jobs(fresh)  # marks STARTED; fails cancelled/expired jobs
             for job in fresh:

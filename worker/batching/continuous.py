@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeq.core.contract import JobState
 from pipeq.worker.batching.batcher import MicroBatcher
-from pipeq.worker.batching.jobs import Failure, JobInFlight, JobSink
+from pipeq.worker.batching.jobs import Failure, JobInFlight, JobSink, hand_back_unstarted
 from pipeq.worker.batching.textstreams import RequestStream, Streams
 from pipeq.worker.hooks import Middleware
 from pipeq.worker.model.generation import ContinuousEngine, GenerationPlan, continuous_plan
@@ -199,14 +199,8 @@ class ContinuousBatcher:
         entries = [(job, plan) for job, plan in entries if job.outcome is None]  # not ended early
         if not entries:
             return
-        if self._returning.is_set():
-            # Shutting down: hand the messages back unstarted; a job its claim started
-            # already runs (it reads STARTED; see JobInFlight.claim_start).
-            back = [job for job, _ in entries if job.claim_start is None]
-            for job in back:
-                job.returned = True
-            if back:
-                self.sink.return_jobs(back)
+        if self._returning.is_set():  # shutting down
+            hand_back_unstarted([job for job, _ in entries], self.sink)
             entries = [(job, plan) for job, plan in entries if not job.returned]
             if not entries:
                 return

@@ -150,6 +150,18 @@ def input_length(item: Any) -> int:
     return 0
 
 
+def hand_back_unstarted(jobs: list[JobInFlight], sink: JobSink) -> list[JobInFlight]:
+    """A stopping worker's new jobs: hand back those not started yet (their messages go back
+    to the queue); return the ones that run anyway, those their claim started (they read
+    STARTED; see ``JobInFlight.claim_start``)."""
+    back = [job for job in jobs if job.claim_start is None]
+    for job in back:
+        job.returned = True
+    if back:
+        sink.return_jobs(back)
+    return [job for job in jobs if not job.returned]
+
+
 #: A job to end early, its final state, error type and message.
 Failure = tuple[JobInFlight, JobState, str, str]
 

@@ -355,8 +355,7 @@ class ClaimingChannel:
             self._deliver_claimed(key, item, bool(recorded), bytes_to_str(started))
         return True
 
-    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool, started: str = ""
-                         ) -> None:
+    def _deliver_claimed(self, key: bytes, item: bytes, recorded: bool, started: str) -> None:
         """Hand one claimed item to kombu (and Celery); a bad item is the transport's to
         dead-letter (``deliver_failed``), and never stops the others of the claim."""
         queue = bytes_to_str(key)[len(self.global_keyprefix):].rsplit(self.sep, 1)[0]
